@@ -1,0 +1,5 @@
+import sys
+
+from alignloop.cli import main
+
+sys.exit(main())

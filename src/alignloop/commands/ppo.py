@@ -1,0 +1,62 @@
+"""``alignloop ppo``: PPO with a per-token KL penalty against a frozen reference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from alignloop.commands import add_config_args, command
+
+
+def register(sub) -> None:
+    p = command(
+        sub,
+        "ppo",
+        help="train a policy with PPO against a reward, with a KL penalty to the frozen reference",
+        description=(
+            "Each step samples one completion per prompt, scores it with the reward SPEC, pays "
+            "-beta * KL(policy || reference) at every token and the score at the completion's last token (EOS), "
+            "then runs several epochs of the clipped PPO loss + value loss - entropy bonus. With --lora the "
+            "reference is the same model with the adapter disabled. Writes model/ (the trained policy), "
+            "checkpoints/, metrics.jsonl (every step) and metrics.json to --out; --resume continues exactly. "
+            "Config keys: see docs/ppo.md (e.g. --set steps=60 --set kl.beta=0.05 --set kl.adaptive=false)."
+        ),
+        example=(
+            "alignloop ppo --policy world:base --reward world:toxicity:nothate --prompts prompts.jsonl \\\n"
+            "    --out runs/ppo --lora --heldout world:gold --set steps=40 --resume"
+        ),
+        func=_ppo,
+    )
+    p.add_argument(
+        "--policy", required=True, metavar="ID", help="model to train: hub id, local folder or world:base"
+    )
+    p.add_argument(
+        "--reward",
+        required=True,
+        metavar="SPEC",
+        help="reward: reward-model folder, CLASSIFIER:LABEL, py:module:function, URL, world:gold, world:toxicity:nothate",
+    )
+    p.add_argument("--prompts", required=True, metavar="FILE", help='prompt JSONL ({"id", "prompt"} a line)')
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (reference = adapter disabled)")
+    p.add_argument(
+        "--heldout", metavar="SPEC", help="a second reward watched for reward hacking (e.g. world:gold)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint; skip a finished run"
+    )
+    add_config_args(p)
+
+
+def _ppo(args: argparse.Namespace) -> int:
+    from alignloop.rl.ppo import load_ppo_config, run_ppo
+
+    overrides = list(args.overrides)
+    if args.heldout:
+        overrides.append(f"heldout={args.heldout}")
+    cfg = load_ppo_config(args.config, overrides)
+    metrics = run_ppo(
+        args.policy, args.reward, args.prompts, args.out, lora=args.lora, config=cfg, resume=args.resume
+    )
+    print(json.dumps(metrics))
+    return 0

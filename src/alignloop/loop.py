@@ -1,0 +1,593 @@
+"""The loop: run the stages a recipe lists, each in its own subfolder of one run folder.
+
+    prompts -> generate -> label -> export -> reward -> ppo (+ variants) -> dpo -> evaluate
+
+Each stage reads the files the previous one wrote and writes its own, with a ``manifest.json``
+(see :mod:`alignloop.runs`); with ``--resume`` a stage whose inputs and config are unchanged is
+skipped. The label stage is ``simulated`` (the world's labellers), ``human`` (the labelling app
+is served and the run waits until every set has its k labels) or ``ai`` (a judge model under a
+constitution, i.e. RLAIF). ``rounds: N`` repeats generate -> label -> reward -> ppo from the
+current policy, so feedback keeps coming as the model changes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from alignloop.config import Config, load_config
+from alignloop.dpo import DPOConfig
+from alignloop.errors import UserError
+from alignloop.generation import SamplingSettings
+from alignloop.records import CompletionSet, Pair, Ranking, read, write_jsonl
+from alignloop.reward.train import RewardTrainConfig
+from alignloop.rl.ppo import PPOConfig
+from alignloop.runs import say, stage_guard, start_stage, write_json_atomic
+
+STAGES = ("prompts", "generate", "label", "export", "reward", "ppo", "dpo", "evaluate")
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+class PromptsSection(Config):
+    """Where prompts come from: the embedded world, or files / hub datasets."""
+
+    source: Literal["world", "files", "pairs"] = "world"  # pairs: the prompts of a preference dataset
+    families: list[str] | None = None  # world: keep only these families
+    n_train: int = Field(300, ge=1)  # world: prompts for generate/PPO/DPO
+    n_eval: int = Field(100, ge=1)  # world: held-out prompts for the evaluation
+    train: str | None = None  # files: JSONL/CSV/Parquet path or a `datasets` name
+    eval: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    prompt_column: str = "prompt"
+    id_column: str = "id"
+    template: str | None = None  # e.g. "Summarize the following conversation.\n\n{dialogue}\n\nSummary:"
+    reference_column: str | None = None  # copied to "reference" for ROUGE-L
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    max_prompt_words: int | None = None  # keep only the first words (e.g. IMDB review openings)
+
+
+class GenerateSection(Config):
+    k: int = Field(4, ge=2)
+    batch_size: int = Field(64, ge=1)
+    sampling: SamplingSettings = Field(default_factory=lambda: SamplingSettings(max_new_tokens=32))
+
+
+class LabelSection(Config):
+    mode: Literal["simulated", "human", "ai"] = "simulated"
+    per_set: int = Field(3, ge=1)  # labellers per set (k)
+    labellers: list[str] | None = None  # simulated: profile names/kinds of the world panel
+    project_mode: Literal["rank", "thumbs"] = "rank"
+    db: str | None = None  # default: sqlite file in the stage folder
+    host: str = "127.0.0.1"  # human mode: where the app is served
+    port: int = 8000
+    invite: list[str] = Field(default_factory=lambda: ["labeller-1", "labeller-2", "labeller-3"])
+    poll_seconds: float = 2.0
+    judge: str | None = None  # ai mode: judge model id (default: the policy)
+    constitution: str | None = None  # ai mode: constitution YAML (default: the notes' principles)
+
+
+class ExportSection(Config):
+    # import existing preference pairs (HH-RLHF transcripts or prompt/chosen/rejected; a file or a
+    # `datasets` name) instead of exporting the label stage's consensus
+    import_pairs: str | None = None
+    import_split: str = "train"
+    import_limit: int | None = None
+    method: Literal["majority", "ranked_pairs", "bradley_terry"] = "majority"
+    exclude_flagged: bool = True
+    soft_ties: bool = False
+    keep_failed: bool = False
+
+
+class RewardSection(Config):
+    spec: str | None = None  # use this reward SPEC instead of training one (e.g. a classifier)
+    train: RewardTrainConfig = Field(default_factory=RewardTrainConfig)
+
+
+class PPOSection(Config):
+    lora: bool = True
+    config: PPOConfig = Field(default_factory=PPOConfig)
+    # extra PPO runs with --set style overrides, e.g. {"beta0": ["kl.beta=0", "kl.adaptive=false"]}
+    variants: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class DPOSection(Config):
+    lora: bool = True
+    config: DPOConfig = Field(default_factory=DPOConfig)
+
+
+class EvaluateSection(Config):
+    samples_per_prompt: int = Field(4, ge=1)
+    toxicity: str | None = "world:toxicity"
+    gold: bool | None = None  # None: when the prompts are the world's
+    max_new_tokens: int = 32
+    seed: int = 1234
+    n_boot: int = 1000
+
+
+class Recipe(Config):
+    name: str = "run"
+    seed: int = 0
+    policy: str = "world:base"
+    stages: list[str] = Field(default_factory=lambda: list(STAGES))
+    rounds: int = Field(1, ge=1)
+    prompts: PromptsSection = Field(default_factory=PromptsSection)
+    generate: GenerateSection = Field(default_factory=GenerateSection)
+    label: LabelSection = Field(default_factory=LabelSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+    reward: RewardSection = Field(default_factory=RewardSection)
+    ppo: PPOSection = Field(default_factory=PPOSection)
+    dpo: DPOSection = Field(default_factory=DPOSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a recipe; unknown keys and stages are one-line errors."""
+    recipe = load_config(Recipe, path=path, overrides=overrides or [])
+    for s in recipe.stages:
+        if s not in STAGES:
+            raise UserError(f"unknown stage {s!r}", str(path), f"stages are: {', '.join(STAGES)}")
+    needs = {"generate": "prompts", "label": "generate", "export": "label", "ppo": "prompts", "dpo": "export"}
+    if recipe.export.import_pairs is not None:
+        del needs["export"]
+    for s, dep in needs.items():
+        if s in recipe.stages and dep not in recipe.stages:
+            raise UserError(f"stage {s!r} needs stage {dep!r}", str(path), f"add {dep!r} to stages")
+    if "reward" in recipe.stages and recipe.reward.spec is None and "export" not in recipe.stages:
+        raise UserError(
+            "stage 'reward' trains on exported pairs", str(path), "add 'export' or set reward.spec"
+        )
+    if "ppo" in recipe.stages and "reward" not in recipe.stages and recipe.reward.spec is None:
+        raise UserError("stage 'ppo' needs a reward", str(path), "add stage 'reward' or set reward.spec")
+    return recipe
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages. Each takes the recipe and the run state (paths the earlier stages produced).
+# ----------------------------------------------------------------------------------------------
+
+
+def stage_prompts(recipe: Recipe, folder: Path, resume: bool) -> dict[str, Path]:
+    cfg = recipe.prompts
+    train, evalp = folder / "train.jsonl", folder / "eval.jsonl"
+    inputs = {k: v for k, v in {"train": cfg.train, "eval": cfg.eval}.items() if v}
+    run = start_stage(folder, "prompts", config=cfg, inputs=inputs, seed=recipe.seed, resume=resume)
+    if run.skipped:
+        return {"train": train, "eval": evalp}
+    with stage_guard(run):
+        if cfg.source == "world":
+            from alignloop.world import prompts as world_prompts
+
+            tr = world_prompts("train", n=cfg.n_train, seed=recipe.seed, families=cfg.families)
+            ev = world_prompts("eval", n=cfg.n_eval, seed=recipe.seed, families=cfg.families)
+        else:
+            if not cfg.train or not cfg.eval:
+                raise UserError(
+                    f"prompts.source={cfg.source} needs prompts.train and prompts.eval", fix="set both"
+                )
+            tr = _table_prompts(cfg, cfg.train, cfg.train_split, cfg.limit_train)
+            ev = _table_prompts(cfg, cfg.eval, cfg.eval_split, cfg.limit_eval)
+        write_jsonl(train, tr)
+        write_jsonl(evalp, ev)
+        run.finish({"train": len(tr), "eval": len(ev)})
+    return {"train": train, "eval": evalp}
+
+
+def _table_prompts(cfg: PromptsSection, source: str, split: str, limit: int | None) -> list[dict]:
+    """Prompt records from a file or `datasets` dataset (or the prompts of a preference dataset)."""
+    from alignloop.generation import load_prompts, read_table
+
+    if cfg.source == "pairs":
+        from alignloop.preference.imports import split_hh
+
+        recs = []
+        for i, row in enumerate(read_table(source, split)[:limit]):
+            try:
+                prompt = row["prompt"] if "prompt" in row else split_hh(row["chosen"], row["rejected"])[0]
+            except (KeyError, ValueError) as e:
+                say(f"[prompts] skipped row {i} of {source}: {e}")
+                continue
+            recs.append({"id": str(row.get("id", i)), "prompt": prompt})
+        problems: list[str] = []
+    else:
+        recs, problems = load_prompts(
+            source, prompt_column=cfg.prompt_column, id_column=cfg.id_column, template=cfg.template,
+            split=split, limit=limit, skip_bad=True,
+        )  # fmt: skip
+    for p in problems[:5]:
+        say(f"[prompts] skipped: {p}")
+    if problems:
+        say(f"[prompts] {len(problems)} bad rows skipped in {source}")
+    if not recs:
+        raise UserError("no usable prompts", source, "check the prompt column and the file")
+    for r in recs:
+        if cfg.max_prompt_words:
+            r["prompt"] = " ".join(r["prompt"].split()[: cfg.max_prompt_words])
+        if cfg.reference_column:
+            if cfg.reference_column not in r:
+                raise UserError(f"prompt {r['id']!r} has no column {cfg.reference_column!r}", source)
+            r["reference"] = r[cfg.reference_column]
+    return recs
+
+
+def stage_generate(recipe: Recipe, policy: str, prompts: Path, folder: Path, resume: bool) -> Path:
+    from alignloop.generation import generate_completions
+
+    cfg = recipe.generate
+    out = folder / "sets.jsonl"
+    run = start_stage(
+        folder,
+        "generate",
+        config=cfg,
+        inputs={"policy": policy, "prompts": prompts},
+        seed=recipe.seed,
+        resume=resume,
+    )
+    if run.skipped:
+        return out
+    with stage_guard(run):
+        if not resume and out.exists():
+            out.unlink()
+        recs = [json.loads(line) for line in prompts.read_text().splitlines() if line.strip()]
+        stats = generate_completions(
+            policy, recs, out, k=cfg.k, settings=cfg.sampling, seed=recipe.seed, batch_size=cfg.batch_size
+        )
+        run.finish(stats)
+    return out
+
+
+def stage_label(recipe: Recipe, sets_path: Path, folder: Path, resume: bool, policy: str) -> dict[str, Path]:
+    cfg = recipe.label
+    rankings_path, sets_out = folder / "rankings.jsonl", folder / "sets.jsonl"
+    run = start_stage(
+        folder, "label", config=cfg, inputs={"sets": sets_path}, seed=recipe.seed, resume=resume
+    )
+    result = {"rankings": rankings_path, "sets": sets_out}
+    if run.skipped:
+        ai = folder / "ai_pairs.jsonl"
+        return {**result, "ai_pairs": ai} if ai.is_file() else result
+    with stage_guard(run):
+        sets = read(sets_path, CompletionSet)
+        if cfg.mode == "ai":  # RLAIF: the judge's soft preferences become the pairs directly
+            from alignloop.cai.pipeline import ai_pairs
+
+            pairs = ai_pairs(sets, judge=cfg.judge or policy, constitution=cfg.constitution, seed=recipe.seed)
+            write_jsonl(folder / "ai_pairs.jsonl", pairs)
+            write_jsonl(sets_out, sets)
+            run.finish({"ai_pairs": len(pairs)})
+            return {**result, "ai_pairs": folder / "ai_pairs.jsonl"}
+        else:
+            from alignloop.feedback import store
+
+            db = cfg.db or f"sqlite:///{(folder / 'labels.db').resolve()}"
+            if not resume and cfg.db is None and (folder / "labels.db").exists():
+                store.close_store(db)  # drop pooled connections and cached set texts first
+                for suffix in ("", "-wal", "-shm", ".writer-lock"):
+                    Path(f"{folder / 'labels.db'}{suffix}").unlink(missing_ok=True)
+            store.create_project(db, recipe.name, mode=cfg.project_mode, per_set=cfg.per_set, exist_ok=True)
+            store.import_sets(db, sets, project=recipe.name)
+            if cfg.mode == "simulated":
+                from alignloop.feedback.simulate import simulate, world_panel
+
+                counts = simulate(
+                    world_panel(cfg.labellers, seed=recipe.seed), db_url=db, project=recipe.name
+                )
+            else:
+                counts = _label_by_humans(db, recipe.name, cfg)
+            sets, rankings, _ = store.load_labels(db, recipe.name)
+        write_jsonl(sets_out, sets)
+        write_jsonl(rankings_path, rankings)
+        run.finish({"rankings": len(rankings), "per_labeller": counts})
+    return result
+
+
+def _label_by_humans(db: str, project: str, cfg: LabelSection) -> dict[str, int]:
+    """Serve the labelling app, print the login links, and wait until every set has k labels."""
+    import threading
+
+    import uvicorn
+
+    from alignloop.feedback import store
+    from alignloop.feedback.app import create_app
+
+    base = f"http://{cfg.host}:{cfg.port}"
+    for name in cfg.invite:
+        link = store.invite(db, name, project=project, base_url=base, new_link=True)["link"]
+        print(f"  login link for {name}: {link}", flush=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(db), host=cfg.host, port=cfg.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    say(f"[label] labelling app at {base}; waiting for every set to have {cfg.per_set} labels")
+    try:
+        while True:
+            prog = store.project_progress(db, project)
+            say(f"[label] {prog['labels']}/{prog['labels_needed']} labels")
+            if prog["complete"]:
+                break
+            time.sleep(cfg.poll_seconds)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    return {row["name"]: row["done"] for row in prog.get("labellers", [])}
+
+
+def stage_export(recipe: Recipe, label: dict[str, Path], folder: Path, resume: bool) -> Path:
+    from alignloop.preference.export import export_pairs
+    from alignloop.preference.report import feedback_report, write_report
+
+    cfg = recipe.export
+    out = folder / "pairs.jsonl"
+    inputs = dict(label) if cfg.import_pairs is None else {"import": cfg.import_pairs}
+    run = start_stage(folder, "export", config=cfg, inputs=inputs, seed=recipe.seed, resume=resume)
+    if run.skipped:
+        return out
+    if cfg.import_pairs is not None:
+        with stage_guard(run):
+            run.finish(_import_pairs(cfg, out))
+        return out
+    if "ai_pairs" in label:  # AI labels are already soft pairs: no consensus to form
+        with stage_guard(run):
+            n = write_jsonl(out, read(label["ai_pairs"], Pair))
+            run.finish({"pairs": n, "source": "ai-judge", "flagged": []})
+        return out
+    with stage_guard(run):
+        sets = read(label["sets"], CompletionSet)
+        rankings = read(label["rankings"], Ranking)
+        report = feedback_report(sets, rankings)
+        write_report(report, folder / "feedback")
+        flagged = {f["name"] for f in report["flagged"]}
+        for f in report["flagged"]:
+            say(f"[export] flagged labeller {f['name']}: {f['reason']}")
+        rows, counts = export_pairs(
+            sets, rankings, recipe.export.method,
+            exclude_labellers=flagged if cfg.exclude_flagged else set(),
+            soft_ties=cfg.soft_ties, keep_failed=cfg.keep_failed,
+        )  # fmt: skip
+        if not rows:
+            raise UserError("the labels gave no preference pairs", str(label["rankings"]), "label more sets")
+        write_jsonl(out, rows)
+        run.finish({**counts, "flagged": sorted(flagged), "alpha": report["alpha"]["value"]})
+    return out
+
+
+def _import_pairs(cfg: ExportSection, out: Path) -> dict[str, Any]:
+    """Existing preference data (HH-RLHF or plain pairs, a file or a `datasets` name) -> pairs.jsonl."""
+    from alignloop.generation import read_table
+    from alignloop.preference.imports import import_preferences
+
+    assert cfg.import_pairs is not None
+    rows = read_table(cfg.import_pairs, cfg.import_split)[: cfg.import_limit]
+    raw = out.with_name("imported-raw.jsonl")
+    write_jsonl(raw, ({k: v for k, v in r.items() if k != "_line"} for r in rows))
+    pairs, problems = import_preferences(raw)
+    for p in problems[:5]:
+        say(f"[export] skipped: {p}")
+    write_jsonl(out, pairs)
+    return {"pairs": len(pairs), "skipped": len(problems)}
+
+
+def stage_reward(recipe: Recipe, pairs: Path, folder: Path, resume: bool, policy: str) -> str:
+    from alignloop.reward.train import train_reward_model
+
+    cfg = recipe.reward.train
+    if "model" not in recipe.reward.train.model_fields_set:
+        cfg = cfg.model_copy(update={"model": policy})
+    if recipe.label.mode == "ai" and "labels" not in recipe.reward.train.model_fields_set:
+        cfg = cfg.model_copy(update={"labels": "soft"})  # AI feedback: P(chosen better) as the target
+    train_reward_model(pairs, folder, cfg, resume=_resumable(folder, cfg, resume))
+    return str(folder)
+
+
+def stage_ppo(
+    recipe: Recipe, policy: str, reward: str, prompts: Path, folder: Path, resume: bool
+) -> dict[str, Path]:
+    from alignloop.config import apply_overrides, validate
+    from alignloop.rl.ppo import run_ppo
+
+    cfg = recipe.ppo.config
+    if cfg.heldout is None and recipe.prompts.source == "world":
+        cfg = cfg.model_copy(update={"heldout": "world:gold"})
+    runs = {"ppo": folder}
+    for name in recipe.ppo.variants:
+        runs[f"ppo-{name}"] = folder.parent / f"ppo-{name}"
+    out: dict[str, Path] = {}
+    for name, run_dir in runs.items():
+        this = cfg
+        if name != "ppo":
+            data = apply_overrides(cfg.model_dump(), recipe.ppo.variants[name.removeprefix("ppo-")])
+            this = validate(PPOConfig, data, f"ppo.variants.{name.removeprefix('ppo-')}")
+        say(f"[{name}] PPO on {policy} against {reward}")
+        run_ppo(
+            policy,
+            reward,
+            prompts,
+            run_dir,
+            lora=recipe.ppo.lora,
+            config=this,
+            resume=_resumable(run_dir, {**this.model_dump(mode="json"), "lora_on": recipe.ppo.lora}, resume),
+        )
+        out[name] = run_dir
+    return out
+
+
+def stage_dpo(recipe: Recipe, policy: str, pairs: Path, folder: Path, resume: bool) -> Path:
+    from alignloop.dpo import train_dpo
+    from alignloop.models import LoraSettings
+
+    cfg = recipe.dpo.config
+    if recipe.dpo.lora and cfg.lora is None:
+        cfg = cfg.model_copy(update={"lora": LoraSettings()})
+    train_dpo(policy, pairs, folder, cfg, resume=_resumable(folder, cfg, resume))
+    return folder
+
+
+def stage_evaluate(
+    recipe: Recipe, policies: dict[str, str], prompts: Path, reward: str | None, training: dict[str, Path],
+    folder: Path, resume: bool,
+) -> dict[str, Any]:  # fmt: skip
+    from alignloop.evaluation import evaluate_policies, write_report
+
+    cfg = recipe.evaluate
+    inputs = {"prompts": prompts, **{f"policy:{k}": v for k, v in policies.items()}}
+    run = start_stage(folder, "evaluate", config=cfg, inputs=inputs, seed=cfg.seed, resume=resume)
+    if run.skipped:
+        return json.loads((folder / "evaluation.json").read_text())
+    with stage_guard(run):
+        evaluation = evaluate_policies(
+            policies, prompts, reward_spec=reward, toxicity_spec=cfg.toxicity,
+            samples_per_prompt=cfg.samples_per_prompt, seed=cfg.seed, gold=cfg.gold,
+            max_new_tokens=cfg.max_new_tokens, n_boot=cfg.n_boot, out=folder / "samples",
+        )  # fmt: skip
+        write_json_atomic(folder / "evaluation.json", evaluation)
+        report = write_report(
+            folder, evaluation, {k: str(v) for k, v in training.items()}, title=f"alignloop: {recipe.name}"
+        )
+        run.finish({"report": str(report)})
+    return evaluation
+
+
+def _resumable(folder: Path, config: Any, resume: bool) -> bool:
+    """For stages that keep their own checkpoints: resume only what was run with the same config and
+    inputs; a stage whose config or inputs changed starts over (its old folder is removed)."""
+    import shutil
+
+    from alignloop.runs import unchanged_since
+
+    if not resume:
+        return False
+    same = unchanged_since(folder, config)
+    if same is False:
+        say(f"[{folder.name}] config or inputs changed since the last run: starting this stage over")
+        shutil.rmtree(folder)
+        return False
+    return True
+
+
+def _model_folder(run_dir: Path) -> str:
+    """The trained policy inside a PPO/DPO run folder (``model/`` if present, else the folder)."""
+    return str(run_dir / "model") if (run_dir / "model").is_dir() else str(run_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# The runner
+# ----------------------------------------------------------------------------------------------
+
+
+def run_recipe(
+    path: str | Path, out: str | Path | None = None, overrides: list[str] | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """Run every stage the recipe lists into ``out``; return a summary (also ``out/summary.json``)."""
+    recipe = load_recipe(path, overrides)
+    out = Path(out or f"runs/{recipe.name}")
+    return run_loaded(recipe, out, resume=resume, recipe_path=Path(path))
+
+
+def run_loaded(
+    recipe: Recipe, out: Path, resume: bool = False, recipe_path: Path | None = None
+) -> dict[str, Any]:
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(_dump(recipe))
+    st = set(recipe.stages)
+    summary: dict[str, Any] = {"recipe": recipe.name, "out": str(out), "stages": {}}
+    prompts = stage_prompts(recipe, out / "prompts", resume) if "prompts" in st else None
+    policy = recipe.policy
+    reward = recipe.reward.spec
+    pairs: Path | None = None
+    training: dict[str, Path] = {}
+    policies: dict[str, str] = {"base": recipe.policy}
+    for r in range(1, recipe.rounds + 1):
+        base = out if recipe.rounds == 1 else out / f"round-{r}"
+        if "generate" in st:
+            assert prompts is not None
+            sets = stage_generate(recipe, policy, prompts["train"], base / "generate", resume)
+            if "label" in st:
+                label = stage_label(recipe, sets, base / "label", resume, policy)
+                if "export" in st:
+                    pairs = stage_export(recipe, label, base / "export", resume)
+        elif "export" in st and recipe.export.import_pairs is not None and pairs is None:
+            pairs = stage_export(recipe, {}, base / "export", resume)
+        if "reward" in st and recipe.reward.spec is None:
+            assert pairs is not None
+            reward = stage_reward(recipe, pairs, base / "reward", resume, recipe.policy)
+        if "ppo" in st:
+            assert prompts is not None and reward is not None
+            runs = stage_ppo(recipe, policy, reward, prompts["train"], base / "ppo", resume)
+            training.update(runs)
+            for name, d in runs.items():
+                policies[name if recipe.rounds == 1 else f"{name}-r{r}"] = _model_folder(d)
+            policy = _model_folder(runs["ppo"])  # the next round starts from the current policy
+    if "dpo" in st:
+        assert pairs is not None
+        d = stage_dpo(recipe, recipe.policy, pairs, out / "dpo", resume)
+        training["dpo"] = d
+        policies["dpo"] = _model_folder(d)
+    if "evaluate" in st:
+        assert prompts is not None
+        evaluation = stage_evaluate(
+            recipe, policies, prompts["eval"], reward, training, out / "evaluate", resume
+        )
+        summary["evaluation"] = evaluation
+        summary["report"] = str(out / "evaluate" / "report.html")
+    summary["policies"] = policies
+    summary["training"] = {k: str(v) for k, v in training.items()}
+    summary["seconds"] = round(time.time() - t0, 1)
+    write_json_atomic(out / "summary.json", {k: v for k, v in summary.items() if k != "evaluation"})
+    return summary
+
+
+def _dump(recipe: Recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def run_demo(
+    out: str | Path, human: bool = False, resume: bool = False, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """``alignloop demo``: recipes/demo.yaml on the embedded world, then a short table."""
+    extra = ["label.mode=human"] if human else []
+    summary = run_recipe(
+        RECIPES / "demo.yaml", out=out, overrides=[*extra, *(overrides or [])], resume=resume
+    )
+    print(demo_table(summary, Path(out)))
+    return summary
+
+
+DEMO_COLUMNS = (
+    ("gold", "gold_score"), ("toxicity", "toxicity"), ("toxic", "rate_toxic"),
+    ("harm-comply", "rate_harmful_compliance"), ("myth-conf", "rate_myth_confirmed"), ("F rate", "f_rate"),
+    ("KL/token", "kl_per_token"),
+)  # fmt: skip
+
+
+def demo_table(summary: dict[str, Any], out: Path) -> str:
+    """The demo's closing table: base / PPO / DPO side by side, plus what was flagged."""
+    evaluation = summary.get("evaluation") or {}
+    lines = [f"{'policy':<14}" + "".join(f"{c:>12}" for c, _ in DEMO_COLUMNS)]
+    for name, pol in evaluation.get("policies", {}).items():
+        metrics = pol.get("metrics", {})
+        cells = []
+        for _, key in DEMO_COLUMNS:
+            m = metrics.get(key) or {}
+            v = m.get("mean")
+            cells.append(f"{v:>12.3f}" if isinstance(v, (int, float)) else f"{'-':>12}")
+        lines.append(f"{name:<14}" + "".join(cells))
+    export = out / "export" / "metrics.json"
+    if export.is_file():
+        flagged = json.loads(export.read_text()).get("flagged", [])
+        lines.append(f"flagged labellers: {', '.join(flagged) or 'none'}")
+    for name, d in summary.get("training", {}).items():
+        m = Path(d) / "metrics.json"
+        if m.is_file():
+            warns = json.loads(m.read_text()).get("warnings") or {}
+            if warns:
+                kinds = ", ".join(f"{k} x{n}" for k, n in warns.items())
+                lines.append(f"{name}: reward hacking flagged ({kinds})")
+    lines.append(f"report: {summary.get('report', '(no evaluate stage)')}")
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""The feedback report: how much the labellers agree, and who disagrees with the rest.
+
+:func:`feedback_report` returns a JSON-able dict (the labelling app's admin page calls it);
+:func:`report_html` renders it as a self-contained HTML page with a plot of agreement per
+labeller; :func:`write_report` writes ``report.json``, ``report.html`` and ``agreement.png``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from alignloop.preference.agreement import (
+    FlagRule,
+    Level,
+    f_rate,
+    flag_labellers,
+    latest_rankings,
+    leave_one_out_tau,
+    pairwise_alpha,
+    tie_rate,
+)
+from alignloop.records import CompletionSet, Ranking
+from alignloop.runs import write_json_atomic
+
+
+def _num(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, digits)
+
+
+def feedback_report(
+    sets: list[CompletionSet],
+    rankings: list[Ranking],
+    *,
+    rule: FlagRule | None = None,
+    level: Level = "ordinal",
+) -> dict[str, Any]:
+    """Agreement numbers for a project.
+
+    Returns::
+
+        {"n_sets", "n_sets_labelled", "n_sets_multi" (>= 2 labellers), "n_rankings",
+         "alpha": {"value", "level", "units", "values"},          # Krippendorff over pairs
+         "labellers": [{"name", "n_labelled", "n_rank", "n_thumbs", "tau_b", "pairs",
+                        "tie_rate", "f_rate", "flagged", "reason"}],   # sorted by name
+         "flagged": [{"name", "reason"}], "rule": "<the flagging rule in words>",
+         "unknown_sets": n}                 # rankings of sets not in ``sets`` (still counted)
+
+    ``tau_b`` is the labeller's leave-one-out Kendall tau-b against the mean rank of the
+    other labellers (None when nobody else judged their sets); rates are None when the
+    labeller gave no rank-mode ranking. Only each labeller's latest ranking of a set counts.
+    """
+    rule = rule or FlagRule()
+    rankings = latest_rankings(rankings)
+    set_ids = {s.set_id for s in sets}
+    by_labeller: dict[str, list[Ranking]] = defaultdict(list)
+    labellers_of_set: dict[str, set[str]] = defaultdict(set)
+    for r in rankings:
+        by_labeller[r.labeller].append(r)
+        labellers_of_set[r.set_id].add(r.labeller)
+    taus = leave_one_out_tau(rankings)
+    flags = flag_labellers(rankings, rule)
+    rows = []
+    for name in sorted(by_labeller):
+        rs = by_labeller[name]
+        t = taus.get(name)
+        rows.append(
+            {
+                "name": name,
+                "n_labelled": len(rs),
+                "n_rank": sum(1 for r in rs if r.ranks),
+                "n_thumbs": sum(1 for r in rs if r.thumbs),
+                "tau_b": _num(t.tau_b) if t else None,
+                "pairs": t.n if t else 0,
+                "tie_rate": _num(tie_rate(rs)),
+                "f_rate": _num(f_rate(rs)),
+                "flagged": bool(flags.get(name)),
+                "reason": flags.get(name),
+            }
+        )
+    alpha = pairwise_alpha(rankings, level) if rankings else {"value": None, "level": level, "units": 0}
+    return {
+        "n_sets": len(set_ids),
+        "n_sets_labelled": len(labellers_of_set),
+        "n_sets_multi": sum(1 for v in labellers_of_set.values() if len(v) >= 2),
+        "n_rankings": len(rankings),
+        "alpha": {**alpha, "value": _num(alpha["value"])},  # type: ignore[arg-type]
+        "labellers": rows,
+        "flagged": [{"name": r["name"], "reason": r["reason"]} for r in rows if r["flagged"]],
+        "rule": rule.describe,
+        "unknown_sets": sum(1 for s in labellers_of_set if s not in set_ids) if sets else 0,
+    }
+
+
+def agreement_plot_png(report: dict[str, Any]) -> bytes:
+    """A bar chart of each labeller's leave-one-out tau-b (flagged ones in red), as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["labellers"]
+    names = [r["name"] for r in rows]
+    vals = [r["tau_b"] if r["tau_b"] is not None else 0.0 for r in rows]
+    colors = ["#c0392b" if r["flagged"] else "#2e86c1" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) + 2), 3.2), dpi=100)
+    ax.bar(range(len(rows)), vals, color=colors)
+    ax.set_xticks(range(len(rows)), names, rotation=30 if len(rows) > 6 else 0, ha="right")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylim(-1, 1)
+    ax.set_ylabel("Kendall tau-b vs others")
+    ax.set_title("Agreement per labeller (leave-one-out; red = flagged)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _fmt(x: Any, pct: bool = False) -> str:
+    if x is None:
+        return "&ndash;"
+    if pct:
+        return f"{100 * x:.1f}%"
+    return f"{x:.3f}" if isinstance(x, float) else html.escape(str(x))
+
+
+def report_html(report: dict[str, Any], png: bytes | None = None) -> str:
+    """A self-contained HTML page (the plot inlined as a data URI). All names are escaped."""
+    if png is None:
+        png = agreement_plot_png(report)
+    img = base64.b64encode(png).decode()
+    a = report["alpha"]
+    rows = "\n".join(
+        "<tr{cls}><td>{name}</td><td>{n}</td><td>{tau}</td><td>{pairs}</td><td>{tie}</td><td>{f}</td>"
+        "<td>{reason}</td></tr>".format(
+            cls=' class="flagged"' if r["flagged"] else "",
+            name=html.escape(r["name"]),
+            n=r["n_labelled"],
+            tau=_fmt(r["tau_b"]),
+            pairs=r["pairs"],
+            tie=_fmt(r["tie_rate"], pct=True),
+            f=_fmt(r["f_rate"], pct=True),
+            reason=html.escape(r["reason"] or ""),
+        )
+        for r in report["labellers"]
+    )
+    flagged = ", ".join(html.escape(f["name"]) for f in report["flagged"]) or "none"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>alignloop feedback report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem; max-width: 60rem; color: #222; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: .3rem .6rem; }}
+tr.flagged {{ background: #fdecea; }} .big {{ font-size: 1.4rem; }}
+</style></head><body>
+<h1>Feedback report</h1>
+<p class="big">Krippendorff's alpha ({html.escape(str(a["level"]))}, over pairwise outcomes):
+<b id="alpha">{_fmt(a["value"])}</b> on {a.get("units", 0)} pairs judged by two or more labellers.</p>
+<p>{report["n_rankings"]} rankings of {report["n_sets_labelled"]} sets
+({report["n_sets_multi"]} labelled by two or more people; {report["n_sets"]} sets in the project).</p>
+<p>Flagged: <b id="flagged">{flagged}</b></p>
+<img alt="agreement per labeller" src="data:image/png;base64,{img}">
+<table><thead><tr><th>labeller</th><th>sets</th><th>tau-b vs others</th><th>pairs</th><th>ties</th>
+<th>F</th><th>flag</th></tr></thead>
+<tbody>
+{rows}
+</tbody></table>
+<p><small>Rule: {html.escape(report["rule"])}. Tau-b compares each labeller's ranking with the mean rank
+the other labellers gave the same set (F counts as the lowest rank); alpha 1 = perfect agreement,
+0 = chance. Rules of thumb: alpha &ge; 0.8 reliable, &ge; 0.667 tentative.</small></p>
+</body></html>
+"""
+
+
+def write_report(report: dict[str, Any], out: str | Path) -> dict[str, Path]:
+    """Write ``report.json``, ``report.html`` and ``agreement.png`` into folder ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = agreement_plot_png(report)
+    (out / "agreement.png").write_bytes(png)
+    write_json_atomic(out / "report.json", report)
+    (out / "report.html").write_text(report_html(report, png), encoding="utf-8")
+    return {"json": out / "report.json", "html": out / "report.html", "png": out / "agreement.png"}

@@ -1,0 +1,640 @@
+"""Train a reward model from preference pairs: ``alignloop reward train``.
+
+The algorithm, top to bottom (:func:`train_reward_model`):
+
+1. read the pairs (TRL or grouped), group them by prompt, hold out whole prompts;
+2. load ``AutoModelForSequenceClassification`` with ``num_labels=1`` (a scalar head on the
+   last token for causal models, on the pooled/first token for encoders), LoRA or full;
+3. tokenize every distinct ``prompt + completion`` once;
+4. each step takes a few prompt groups, forwards each completion ONCE and computes the loss
+   of all the groups' pairs from those rewards (InstructGPT's grouped batching); under
+   ``accelerate launch`` / torchrun each process takes its share of the step's groups and the
+   loss is scaled so that the averaged gradients equal one process's (see alignloop.distributed);
+5. held-out accuracy every epoch, keep the best epoch, stop after ``patience`` epochs
+   without improvement; an atomic checkpoint every epoch (``--resume`` continues from it);
+6. shift (and optionally scale) the head so the reference completions' mean reward is 0;
+7. save an HF folder (``config.json``, ``model.safetensors``, tokenizer) with the run's
+   ``manifest.json``/``metrics.json``/``metrics.jsonl``: ``load_reward(out)`` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from alignloop.config import Config
+from alignloop.distributed import (
+    all_reduce_sum,
+    barrier,
+    make_accelerator,
+    rank_world,
+    shard,
+    trainable_state,
+)
+from alignloop.errors import UserError
+from alignloop.models import (
+    LoraSettings,
+    configure_threads,
+    default_dtype,
+    disable_dropout,
+    load_tokenizer,
+    lora_target_modules,
+    resolve_model_id,
+)
+from alignloop.reward.data import Group, read_pairs, split_groups
+from alignloop.reward.functions import encode_texts, join_prompt_completion, model_max_length, pad_right
+from alignloop.reward.losses import grouped_pairwise_loss, pair_accuracy
+from alignloop.runs import progress, say, stage_guard, start_stage, write_json_atomic
+
+
+class RewardTrainConfig(Config):
+    """``alignloop reward train`` settings (``--set key=value``)."""
+
+    model: str = "world:base"
+    # Defaults fit the default model (world:base, ~0.7M parameters). For 100M+ models use
+    # learning_rate ~1e-5 (full) or ~1e-4 (LoRA) and fewer epochs.
+    epochs: int = 8
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    batch_prompts: int = 8  # prompt groups per step over all processes (each brings all its pairs)
+    max_length: int = 512  # tokens of prompt + completion; the prompt is cut from the left
+    eval_fraction: float = 0.1  # share of prompts held out (when no --eval-pairs)
+    patience: int = 2  # epochs without a better held-out accuracy before stopping; 0 = never
+    labels: Literal["soft", "hard"] = (
+        "hard"  # hard: every pair sure, ties dropped; soft: "weight" = P(chosen better)
+    )
+    use_margin: bool = True  # subtract a pair's "margin" inside the sigmoid when it has one
+    normalize: Literal["none", "mean", "mean_std"] = "mean"  # reference completions -> mean 0 (std 1)
+    lora: LoraSettings | None = None
+    max_grad_norm: float = 1.0
+    disable_dropout: bool = True
+    skip_bad: bool = False  # count and skip malformed pair lines instead of stopping
+    seed: int = 0
+    device: str | None = None
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def encode_groups(
+    groups: Sequence[Group], model: nn.Module, tokenizer: Any, max_length: int, use_margin: bool = True
+) -> list[dict]:
+    """Tokenize each distinct ``prompt + completion`` once; pairs become index lists.
+
+    Returns one dict per group: ``ids`` (list of token lists, one per completion), ``chosen``,
+    ``rejected`` (indices into ``ids``), ``label``, ``margin`` (floats, one per pair).
+    """
+    texts = [join_prompt_completion(g.prompt, c) for g in groups for c in g.completions]
+    ids = encode_texts(model, tokenizer, texts, max_length)
+    out, k = [], 0
+    for g in groups:
+        n = len(g.completions)
+        out.append(
+            {
+                "ids": ids[k : k + n],
+                "chosen": [p.chosen for p in g.pairs],
+                "rejected": [p.rejected for p in g.pairs],
+                "label": [p.label for p in g.pairs],
+                "margin": [p.margin if use_margin else 0.0 for p in g.pairs],
+            }
+        )
+        k += n
+    return out
+
+
+def collate_groups(groups: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Flatten groups into one right-padded batch of distinct completions plus pair indices.
+
+    Returns ``input_ids``/``attention_mask`` ``(N, T)`` for the ``N`` completions of all the
+    groups, and ``chosen_index``/``rejected_index``/``label``/``margin`` ``(P,)`` over their pairs.
+    """
+    seqs, chosen, rejected, label, margin = [], [], [], [], []
+    for g in groups:
+        base = len(seqs)
+        seqs.extend(g["ids"])
+        chosen.extend(base + i for i in g["chosen"])
+        rejected.extend(base + i for i in g["rejected"])
+        label.extend(g["label"])
+        margin.extend(g["margin"])
+    input_ids, attention_mask = pad_right(seqs, pad_id)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "chosen_index": torch.tensor(chosen, dtype=torch.long),
+        "rejected_index": torch.tensor(rejected, dtype=torch.long),
+        "label": torch.tensor(label, dtype=torch.float32),
+        "margin": torch.tensor(margin, dtype=torch.float32),
+    }
+
+
+def sequence_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(N, T)`` right-padded tokens -> ``(N,)`` scalar rewards (the head's single output)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+
+@torch.no_grad()
+def evaluate_groups(
+    model: nn.Module, encoded: Sequence[dict], pad_id: int, batch_prompts: int = 16
+) -> dict[str, float]:
+    """Held-out ``loss`` and ``accuracy`` (pairs whose label the rewards order right).
+
+    With several processes each scores its share of the groups and the sums are all-reduced:
+    every process returns the numbers of the whole set.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sums = torch.zeros(4, dtype=torch.float64)  # loss x pairs, pairs, right, counted (non-tie) pairs
+    mine = shard(list(encoded))
+    for i in range(0, len(mine), batch_prompts):
+        b = collate_groups(mine[i : i + batch_prompts], pad_id)
+        r = sequence_rewards(model, b["input_ids"].to(device), b["attention_mask"].to(device)).cpu()
+        sums += _pair_sums(r, b)
+    model.train(was_training)
+    sums = all_reduce_sum(sums)
+    if sums[1] == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "pairs": 0}
+    accuracy = float(sums[2] / sums[3]) if sums[3] > 0 else float("nan")
+    return {"loss": float(sums[0] / sums[1]), "accuracy": accuracy, "pairs": int(sums[3])}
+
+
+def _pair_sums(rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[sum of pair losses, pairs, right pairs, non-tie pairs]`` of one batch (float64, no grad)."""
+    n = len(batch["label"])
+    if n == 0:
+        return torch.zeros(4, dtype=torch.float64)
+    mean = grouped_pairwise_loss(
+        rewards.detach(), batch["chosen_index"], batch["rejected_index"], batch["label"], batch["margin"]
+    )
+    acc, counted = pair_accuracy(
+        rewards[batch["chosen_index"]].detach(), rewards[batch["rejected_index"]].detach(), batch["label"]
+    )
+    right = acc * counted if counted else 0.0
+    return torch.tensor([float(mean) * n, n, right, counted], dtype=torch.float64)
+
+
+@torch.no_grad()
+def completion_rewards(
+    model: nn.Module, encoded: Sequence[dict], pad_id: int, batch_size: int = 64
+) -> torch.Tensor:
+    """Rewards of every distinct completion in ``encoded`` (for normalisation), shape ``(N,)``."""
+    seqs = [s for g in encoded for s in g["ids"]]
+    device = next(model.parameters()).device
+    out = []
+    model.eval()
+    for i in range(0, len(seqs), batch_size):
+        b = collate_groups(
+            [{"ids": seqs[i : i + batch_size], "chosen": [], "rejected": [], "label": [], "margin": []}],
+            pad_id,
+        )
+        out.append(sequence_rewards(model, b["input_ids"].to(device), b["attention_mask"].to(device)).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def reward_mean_std(model: nn.Module, encoded: Sequence[dict], pad_id: int) -> tuple[float, float]:
+    """Mean and (sample) standard deviation of the rewards of every completion in ``encoded``.
+
+    Each process scores its share; ``n``, ``sum r`` and ``sum r^2`` are all-reduced, then
+    ``mean = S1 / n`` and ``std = sqrt((S2 - n * mean^2) / (n - 1))`` (1.0 for a single completion).
+    """
+    r = completion_rewards(model, shard(list(encoded)), pad_id).double()
+    n, s1, s2 = all_reduce_sum(torch.tensor([len(r), r.sum(), (r * r).sum()], dtype=torch.float64)).tolist()
+    mean = s1 / max(n, 1.0)
+    std = ((s2 - n * mean * mean) / (n - 1)) ** 0.5 if n > 1 and s2 > n * mean * mean else 1.0
+    return mean, std
+
+
+def epoch_batches(n_groups: int, batch_prompts: int, epoch: int, seed: int) -> list[list[int]]:
+    """The global batches (group indices) of one epoch: a permutation seeded by ``(seed, epoch)``, cut in
+    slices of ``batch_prompts`` (on one process the order a shuffling DataLoader seeded the same way gives).
+    A pure function of its arguments: the same on every process, after a
+    resume and for any number of processes."""
+    g = torch.Generator().manual_seed(seed + epoch)
+    torch.empty((), dtype=torch.int64).random_(generator=g)  # the draw a DataLoader makes for worker seeds
+    perm = torch.randperm(n_groups, generator=g).tolist()
+    return [perm[i : i + batch_prompts] for i in range(0, n_groups, batch_prompts)]
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def load_reward_model(
+    model_id: str, lora: LoraSettings | None, device: torch.device, no_dropout: bool
+) -> tuple[Any, Any]:
+    """``AutoModelForSequenceClassification(num_labels=1)`` + tokenizer; LoRA wraps it when asked.
+
+    A causal LM or a classifier with other labels gets a fresh one-output head.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_id(model_id)
+    tok = load_tokenizer(path)  # a clear UserError for a bad id
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, ignore_mismatched_sizes=True, dtype=default_dtype(device)
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"cannot load model {model_id!r} as a reward model ({str(e).strip().splitlines()[0][:200]})",
+            fix="pass a local HF model folder or a downloaded hub id",
+        ) from None
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.id2label, model.config.label2id = {0: "reward"}, {"reward": 0}
+    if no_dropout:
+        disable_dropout(model)
+    if lora is not None:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        cfg = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=0.0 if no_dropout else lora.dropout,
+            target_modules=lora.target_modules or lora_target_modules(model),
+            task_type=TaskType.SEQ_CLS,  # keeps the new head fully trainable (modules_to_save)
+            fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
+        )
+        model = get_peft_model(model, cfg)
+    return model.to(device), tok
+
+
+def head_linear(model: nn.Module) -> nn.Linear:
+    """The layer that writes the scalar reward: the last ``nn.Linear`` with one output."""
+    found = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 1]
+    if not found:
+        raise RuntimeError(f"no one-output linear head in {type(model).__name__}")
+    return found[-1]
+
+
+@torch.no_grad()
+def normalize_head(model: nn.Module, mean: float, std: float, scale: bool) -> float:
+    """Make ``r' = (r - mean) / s`` (``s = std`` when ``scale``, else 1) by editing the head.
+
+    ``r = w.h + b`` becomes ``w' = w / s``, ``b' = (b - mean) / s``. A head without a bias
+    (GPT-2's ``score``) cannot hold the shift: it is returned as an *offset* for the
+    model's config (``load_reward`` adds it); otherwise 0 is returned.
+    """
+    s = std if scale and std > 1e-8 else 1.0
+    head = head_linear(model)
+    head.weight.div_(s)
+    if head.bias is not None:
+        head.bias.sub_(mean).div_(s)
+        return 0.0
+    return -mean / s
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(
+    folder: Path, name: str, weights: dict[str, torch.Tensor], optimizer: Any, scheduler: Any, state: dict
+) -> None:
+    """Write ``folder/name`` (trainable ``weights``, optimizer, scheduler, RNG) completely, then point
+    ``folder/latest.json`` at it (atomic). Main process only."""
+    from safetensors.torch import save_file
+
+    tmp = folder / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "trainable.safetensors")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+        },
+        tmp / "optimizer.pt",
+    )
+    shutil.rmtree(folder / name, ignore_errors=True)
+    os.replace(tmp, folder / name)
+    write_json_atomic(folder / "latest.json", {**state, "dir": name})
+    keep = {name, f"epoch-{state['best_epoch']}"}
+    for old in folder.glob("epoch-*"):
+        if old.name not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _truncate_log(out: Path, step: int) -> None:
+    """Drop ``metrics.jsonl`` rows after ``step`` (and a line torn by a kill)."""
+    log = out / "metrics.jsonl"
+    if not log.is_file():
+        return
+    keep = []
+    for line in log.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    tmp = log.with_name(f".{log.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, log)
+
+
+def _load_trainable(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    saved = load_file(path)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in saved.items():
+            params[k].copy_(v)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_reward_model(
+    pairs: str | Path | Sequence[str | Path],
+    out: str | Path,
+    config: RewardTrainConfig | None = None,
+    *,
+    eval_pairs: str | Path | None = None,
+    reference: str | Path | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Train a scalar reward model on preference pairs and save it as an HF folder in ``out``.
+
+    Args:
+        pairs: TRL-format or grouped pair file(s).
+        out: output folder (the model + ``manifest.json``/``metrics.json``/``metrics.jsonl``).
+        config: :class:`RewardTrainConfig`.
+        eval_pairs: held-out pairs file; default: ``eval_fraction`` of the prompts.
+        reference: completions whose mean reward becomes 0 (pairs, completion sets or
+            ``{"prompt", "completion"}`` lines); default: every training completion.
+        resume: continue from the last epoch checkpoint, or skip if finished with the same inputs.
+
+    Returns:
+        The final metrics (also in ``out/metrics.json``).
+    """
+    cfg = config or RewardTrainConfig()
+    out = Path(out)
+    pair_files = [pairs] if isinstance(pairs, (str, Path)) else list(pairs)
+    inputs: dict[str, Any] = {f"pairs{i or ''}": p for i, p in enumerate(pair_files)}
+    inputs["model"] = resolve_model_id(cfg.model)
+    if eval_pairs:
+        inputs["eval_pairs"] = eval_pairs
+    if reference:
+        inputs["reference"] = reference
+    run = start_stage(out, "reward", config=cfg, inputs=inputs, seed=cfg.seed, resume=resume)
+    if run.skipped:
+        return run.metrics
+    with stage_guard(run):
+        return _train(run, cfg, pair_files, out, eval_pairs, reference, resume)
+
+
+def _train(
+    run: Any,
+    cfg: RewardTrainConfig,
+    pair_files: list,
+    out: Path,
+    eval_pairs: Any,
+    reference: Any,
+    resume: bool,
+) -> dict[str, Any]:
+    from transformers import get_scheduler
+
+    configure_threads()
+    torch.manual_seed(cfg.seed)
+    hard = cfg.labels == "hard"
+    # 1. pairs, grouped by prompt; whole prompts held out
+    data = read_pairs(pair_files, skip_bad=cfg.skip_bad, hard_labels=hard)
+    if eval_pairs:
+        train_groups, eval_groups = (
+            data.groups,
+            read_pairs(eval_pairs, skip_bad=cfg.skip_bad, hard_labels=hard).groups,
+        )
+    else:
+        train_groups, eval_groups = split_groups(data.groups, cfg.eval_fraction, cfg.seed)
+    skipped = dict(data.skipped)
+    if skipped:
+        say(f"[reward] skipped pair lines: {', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))}")
+    n_train_pairs = sum(len(g.pairs) for g in train_groups)
+    say(
+        f"[reward] {n_train_pairs} training pairs over {len(train_groups)} prompts "
+        f"({sum(len(g.completions) for g in train_groups)} distinct completions); "
+        f"{sum(len(g.pairs) for g in eval_groups)} held-out pairs over {len(eval_groups)} prompts"
+    )
+
+    # 2. model (+ LoRA), 3. tokens
+    accelerator = make_accelerator(cfg.device)
+    rank, world = rank_world()
+    model, tok = load_reward_model(cfg.model, cfg.lora, accelerator.device, cfg.disable_dropout)
+    pad_id = tok.pad_token_id
+    max_length = min(cfg.max_length, model_max_length(model, tok))  # never past the position table
+    train_enc = encode_groups(train_groups, model, tok, max_length, cfg.use_margin)
+    eval_enc = encode_groups(eval_groups, model, tok, max_length, cfg.use_margin)
+    if world > 1:
+        say(
+            f"[reward] {world} processes: {cfg.batch_prompts} prompts a step, about {cfg.batch_prompts // world} each"
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(epoch_batches(len(train_enc), cfg.batch_prompts, 0, cfg.seed))
+    total_steps = cfg.epochs * steps_per_epoch
+    scheduler = get_scheduler(
+        "linear",
+        optimizer,
+        num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )  # not passed to accelerate.prepare: it would tick once per process; our steps are global
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # resume from the last finished epoch of this very run (same config and inputs)
+    ckpt = out / "checkpoints"
+    state = {
+        "epoch": -1,
+        "step": 0,
+        "best_epoch": -1,
+        "best_accuracy": -1.0,
+        "bad_epochs": 0,
+        "train_seconds": 0.0,
+        "pairs_seen": 0,
+    }
+    latest = ckpt / "latest.json"
+    if (
+        resume
+        and latest.is_file()
+        and json.loads(latest.read_text()).get("fingerprint") == run.manifest["fingerprint"]
+    ):  # every process reads the main process's checkpoint (a shared folder when on several machines)
+        saved = json.loads(latest.read_text())
+        state.update({k: saved[k] for k in state})
+        _load_trainable(accelerator.unwrap_model(model), ckpt / saved["dir"] / "trainable.safetensors")
+        opt_state = torch.load(ckpt / saved["dir"] / "optimizer.pt", weights_only=False)
+        optimizer.load_state_dict(opt_state["optimizer"])
+        scheduler.load_state_dict(opt_state["scheduler"])
+        torch.set_rng_state(opt_state["rng"])
+        if accelerator.is_main_process:
+            _truncate_log(out, state["step"])  # rows logged after the checkpoint are logged again
+        say(
+            f"[reward] resumed after epoch {state['epoch'] + 1} (best held-out accuracy {state['best_accuracy']:.3f})"
+        )
+    elif ckpt.exists() and accelerator.is_main_process:
+        shutil.rmtree(ckpt)
+    barrier()  # nobody reads the checkpoints while the main process may still clear them
+
+    # 4.-5. epochs of grouped batches, held-out accuracy, early stop, checkpoints
+    stopped_early = False
+    for epoch in range(state["epoch"] + 1, cfg.epochs):
+        if cfg.patience and state["bad_epochs"] >= cfg.patience:
+            stopped_early = True
+            break
+        model.train()
+        t0 = time.perf_counter()
+        pairs_epoch = 0
+        batches = epoch_batches(len(train_enc), cfg.batch_prompts, epoch, cfg.seed)
+        for batch_idx in progress(batches, desc=f"reward epoch {epoch + 1}/{cfg.epochs}", unit="step"):
+            global_pairs = sum(len(train_enc[i]["chosen"]) for i in batch_idx)
+            mine = shard(batch_idx, rank, world)
+            # a process without a group in a short last batch still joins the gradient all-reduce
+            scale = 1.0 if mine else 0.0
+            batch = collate_groups([train_enc[i] for i in (mine or batch_idx[:1])], pad_id)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            rewards = sequence_rewards(
+                model, batch["input_ids"], batch["attention_mask"]
+            )  # one forward per completion
+            local = grouped_pairwise_loss(
+                rewards, batch["chosen_index"], batch["rejected_index"], batch["label"], batch["margin"]
+            )
+            # sum of local pair losses * world / global pairs: DDP's mean of the gradients is then the
+            # gradient of the global batch's mean loss, whatever the number of processes
+            loss = local * (scale * len(batch["label"]) * world / max(global_pairs, 1))
+            accelerator.backward(loss)
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            pairs_epoch += global_pairs
+            sums = all_reduce_sum(_pair_sums(rewards.cpu(), {k: v.cpu() for k, v in batch.items()}) * scale)
+            run.log(
+                state["step"],
+                epoch=epoch + 1,
+                loss=float(sums[0] / max(sums[1], 1)),
+                accuracy=float(sums[2] / sums[3]) if sums[3] > 0 else float("nan"),
+                lr=scheduler.get_last_lr()[0],
+            )
+        seconds = time.perf_counter() - t0
+        state["train_seconds"] += seconds
+        state["pairs_seen"] += pairs_epoch
+        ev = evaluate_groups(accelerator.unwrap_model(model), eval_enc, pad_id) if eval_enc else None
+        score = ev["accuracy"] if ev else -epoch  # no held-out set: the last epoch is the best
+        improved = state["best_epoch"] < 0 or score > state["best_accuracy"]
+        if improved:
+            state.update(best_epoch=epoch, best_accuracy=score, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch
+        row = {"epoch": epoch + 1, "pairs_per_second": pairs_epoch / max(seconds, 1e-9)}
+        if ev:
+            row.update(eval_loss=ev["loss"], eval_accuracy=ev["accuracy"])
+        run.log(state["step"], **row)
+        say(
+            f"[reward] epoch {epoch + 1}: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+        )
+        weights = trainable_state(accelerator, model)  # every process: gathers sharded weights
+        if accelerator.is_main_process:
+            _save_checkpoint(
+                ckpt,
+                f"epoch-{epoch}",
+                weights,
+                optimizer,
+                scheduler,
+                {**state, "fingerprint": run.manifest["fingerprint"]},
+            )
+        barrier()
+    else:
+        stopped_early = False
+
+    # the best epoch's weights; LoRA folded into the base so the folder loads anywhere
+    model = accelerator.unwrap_model(model)
+    if state["best_epoch"] >= 0 and (ckpt / f"epoch-{state['best_epoch']}").is_dir():
+        _load_trainable(model, ckpt / f"epoch-{state['best_epoch']}" / "trainable.safetensors")
+    barrier()  # every process has read the best epoch before the main process deletes the checkpoints
+    if cfg.lora is not None:
+        model = model.merge_and_unload()
+    model.eval()
+    final_eval = evaluate_groups(model, eval_enc, pad_id) if eval_enc else {}
+    train_eval = evaluate_groups(model, train_enc, pad_id)
+
+    # 6. reference completions -> mean reward 0 (and std 1 with normalize=mean_std)
+    ref_enc = encode_groups(_reference_groups(reference), model, tok, max_length) if reference else train_enc
+    mean, std = reward_mean_std(model, ref_enc, pad_id)
+    offset = 0.0
+    if cfg.normalize != "none":
+        offset = normalize_head(model, mean, std, scale=cfg.normalize == "mean_std")
+    model.config.alignloop_reward = {
+        "input": "prompt + completion (alignloop.reward.join_prompt_completion)",
+        "offset": offset,
+        "normalize": cfg.normalize,
+        "reference_mean_before": mean,
+        "reference_std_before": std,
+    }
+
+    # 7. HF folder + metrics
+    if accelerator.is_main_process:
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        shutil.rmtree(ckpt, ignore_errors=True)
+    metrics = {
+        "eval_accuracy": final_eval.get("accuracy"),
+        "eval_loss": final_eval.get("loss"),
+        "eval_pairs": final_eval.get("pairs", 0),
+        "train_accuracy": train_eval["accuracy"],
+        "train_loss": train_eval["loss"],
+        "train_pairs": n_train_pairs,
+        "train_prompts": len(train_groups),
+        "eval_prompts": len(eval_groups),
+        "best_epoch": state["best_epoch"] + 1,
+        "epochs_run": state["epoch"] + 1,
+        "stopped_early": stopped_early,
+        "pairs_per_second": state["pairs_seen"] / max(state["train_seconds"], 1e-9),
+        "reference_mean_before": mean,
+        "reference_std_before": std,
+        "skipped": skipped,
+        "processes": world,
+    }
+    if final_eval:
+        say(
+            f"[reward] held-out accuracy {final_eval['accuracy']:.3f} on {final_eval['pairs']} pairs; saved {out}"
+        )
+    return run.finish(metrics)
+
+
+def _reference_groups(path: str | Path) -> list[Group]:
+    """Reference completions from pairs, completion sets or ``{"prompt", "completion"}`` lines."""
+    from alignloop.records import iter_jsonl
+
+    groups: dict[str, Group] = {}
+    for n, obj in iter_jsonl(path):
+        prompt = obj.get("prompt")
+        if not isinstance(prompt, str):
+            raise UserError("reference line without a 'prompt' string", f"{path}:{n}")
+        g = groups.setdefault(prompt, Group(prompt))
+        texts: list[Any] = []
+        if isinstance(obj.get("completions"), list):
+            texts = [c.get("text") if isinstance(c, dict) else c for c in obj["completions"]]
+        for key in ("completion", "chosen", "rejected", "text"):
+            if key in obj:
+                texts.append(obj[key])
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise UserError(
+                "reference line without completion text",
+                f"{path}:{n}",
+                "give 'completion', 'completions' or chosen/rejected",
+            )
+        for t in texts:
+            if t.strip():
+                g.index(t)
+    return [g for g in groups.values() if g.completions]

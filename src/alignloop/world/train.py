@@ -1,0 +1,323 @@
+"""Build the world's tiny models from scratch (``alignloop world build``).
+
+1. A word-level tokenizer trained with ``tokenizers`` on the world lexicon (three saved variants:
+   causal (no added tokens), seq2seq (``$A </s>``), classifier (``<s> $A </s>``)).
+2. ``base``: a GPT-2-style causal instruct model, trained on :func:`corpus.base_examples` with the
+   loss on target tokens only (the (A)/(B) answer token weighted higher).
+3. ``summariser``: a T5-style seq2seq model on :func:`corpus.summary_examples`.
+4. ``toxicity``: a RoBERTa-style classifier (``id2label {0: nothate, 1: hate}``).
+
+Budgets are steps, not wall time; one training loop (AdamW, linear warm-up, cosine decay) for all
+three. Everything is seeded, so the same seed and thread count rebuild the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    T5Config,
+    T5ForConditionalGeneration,
+    get_cosine_schedule_with_warmup,
+)
+
+from alignloop.runs import progress, say, write_json_atomic
+from alignloop.world import corpus
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
+PAD, BOS, EOS, UNK, MASK = range(5)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Step budgets and sizes of ``world build``; ``QUICK`` is the reduced build for tests."""
+
+    seed: int = 0
+    base_steps: int = 4500
+    base_batch: int = 32
+    base_lr: float = 2e-3
+    base_layers: int = 3
+    base_width: int = 128
+    base_positions: int = 256
+    summariser_steps: int = 2000
+    summariser_batch: int = 32
+    summariser_lr: float = 2e-3
+    classifier_steps: int = 400
+    classifier_batch: int = 64
+    classifier_lr: float = 1e-3
+    warmup: int = 100
+    threads: int = 1  # tiny models: one intra-op thread is as fast alone and ~10x faster on a busy box
+
+
+QUICK = BuildConfig(
+    base_steps=12,
+    base_batch=8,
+    summariser_steps=6,
+    summariser_batch=8,
+    classifier_steps=6,
+    classifier_batch=16,
+    warmup=2,
+)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def train_tokenizer(texts: list[str]) -> Tokenizer:
+    """A word-level tokenizer: lower-case words and punctuation; ``(A)``/``(B)`` stay one token each."""
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Lowercase(), normalizers.Replace("(a)", " (A) "), normalizers.Replace("(b)", " (B) ")]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"\([AB]\)|[.,?!:;'()\"]"), "isolated")]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # words joined by single spaces
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIALS, min_frequency=1))
+    assert [tok.token_to_id(s) for s in SPECIALS] == list(range(5))
+    return tok
+
+
+def hf_tokenizer(tok: Tokenizer, kind: str) -> PreTrainedTokenizerFast:
+    """The HF tokenizer of one model kind: ``causal``, ``seq2seq`` or ``classifier``."""
+    tok = Tokenizer.from_str(tok.to_str())
+    if kind == "seq2seq":
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", EOS)])
+    elif kind == "classifier":
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>",
+            pair="<s> $A </s> </s> $B </s>",
+            special_tokens=[("<s>", BOS), ("</s>", EOS)],
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        mask_token="<mask>",
+        padding_side="left" if kind == "causal" else "right",
+        model_max_length=256,
+    )
+
+
+# ----------------------------------------------------------------------------- the training loop
+def _batches(lengths: list[int], batch: int, rng: random.Random) -> list[list[int]]:
+    """Index batches of similar lengths (sorted within chunks of 50 batches), in random order."""
+    idx = list(range(len(lengths)))
+    rng.shuffle(idx)
+    out = []
+    chunk = batch * 50
+    for s in range(0, len(idx), chunk):
+        part = sorted(idx[s : s + chunk], key=lambda i: lengths[i])
+        out += [part[i : i + batch] for i in range(0, len(part), batch) if len(part[i : i + batch]) == batch]
+    rng.shuffle(out)
+    return out
+
+
+def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    n = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (n - len(s)) for s in seqs])
+
+
+def train_loop(
+    model: torch.nn.Module,
+    batches: Iterator[dict[str, torch.Tensor]],
+    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+    steps: int,
+    lr: float,
+    warmup: int,
+    desc: str,
+) -> dict[str, float]:
+    """AdamW (weight decay 0.01, betas 0.9/0.98) with linear warm-up and cosine decay, grad clip 1.0."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    sched = get_cosine_schedule_with_warmup(opt, min(warmup, steps), steps)
+    model.train()
+    t0, tokens, recent = time.time(), 0, []
+    for _ in progress(range(steps), desc=desc, unit="step"):
+        b = next(batches)
+        loss = loss_fn(model, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        tokens += int(b["attention_mask"].sum()) + int(b.get("decoder_tokens", torch.tensor(0)))
+        recent = (recent + [loss.item()])[-50:]
+    model.eval()
+    dt = time.time() - t0
+    return {"steps": steps, "seconds": round(dt, 1), "tokens_per_s": round(tokens / max(dt, 1e-9)),
+            "final_loss": round(sum(recent) / max(len(recent), 1), 4)}  # fmt: skip
+
+
+def causal_loss(model: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Weighted next-token loss: sum_t w_t * CE(logits_{t-1}, x_t) / sum_t w_t (w = 0 on the prompt)."""
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b["input_ids"][:, 1:], reduction="none")
+    w = b["weights"][:, 1:]
+    return (ce * w).sum() / w.sum()
+
+
+def _forever(make: Callable[[int], list[dict[str, torch.Tensor]]]) -> Iterator[dict[str, torch.Tensor]]:
+    epoch = 0
+    while True:
+        yield from make(epoch)
+        epoch += 1
+
+
+# ----------------------------------------------------------------------------- the three models
+def train_base(tok: PreTrainedTokenizerFast, cfg: BuildConfig, out: Path) -> dict[str, Any]:
+    """GPT-2-style causal instruct base on the task mixture; saved to ``out``."""
+    torch.manual_seed(cfg.seed)
+    examples = corpus.base_examples(cfg.base_steps * cfg.base_batch, seed=cfg.seed)
+    ins = tok([x for x, _, _ in examples], add_special_tokens=False)["input_ids"]
+    tgs = tok([" " + y for _, y, _ in examples], add_special_tokens=False)["input_ids"]
+    seqs, weights = [], []
+    for i, t, (_, _, w) in zip(ins, tgs, examples, strict=True):
+        s = (i + t + [EOS])[-cfg.base_positions :]
+        seqs.append(s)
+        weights.append(([0.0] * len(i) + [w] * (len(t) + 1))[-cfg.base_positions :])
+    lengths = [len(s) for s in seqs]
+
+    def make(epoch: int) -> list[dict[str, torch.Tensor]]:
+        rng = random.Random(cfg.seed * 1000 + epoch)
+        out_ = []
+        for ix in _batches(lengths, cfg.base_batch, rng):
+            ids = _pad([seqs[i] for i in ix], PAD)
+            out_.append({"input_ids": ids, "attention_mask": _pad([[1] * lengths[i] for i in ix], 0),
+                         "weights": _pad([weights[i] for i in ix], 0.0).float()})  # fmt: skip
+        return out_
+
+    config = GPT2Config(
+        vocab_size=len(tok), n_positions=cfg.base_positions, n_embd=cfg.base_width, n_layer=cfg.base_layers,
+        n_head=4, n_inner=4 * cfg.base_width, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+    )  # fmt: skip
+    model = GPT2LMHeadModel(config)
+    stats = train_loop(
+        model, _forever(make), causal_loss, cfg.base_steps, cfg.base_lr, cfg.warmup, "world base"
+    )
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = EOS
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {**stats, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def train_summariser(tok: PreTrainedTokenizerFast, cfg: BuildConfig, out: Path) -> dict[str, Any]:
+    """T5-style seq2seq summariser on the summary mixture; saved to ``out``."""
+    torch.manual_seed(cfg.seed + 1)
+    examples = corpus.summary_examples(cfg.summariser_steps * cfg.summariser_batch, seed=cfg.seed + 1)
+    ins = tok([x for x, _ in examples])["input_ids"]
+    tgs = tok([y for _, y in examples])["input_ids"]
+    lengths = [len(i) for i in ins]
+
+    def make(epoch: int) -> list[dict[str, torch.Tensor]]:
+        rng = random.Random(cfg.seed * 1000 + 1 + epoch)
+        res = []
+        for ix in _batches(lengths, cfg.summariser_batch, rng):
+            labels = _pad([tgs[i] for i in ix], -100)
+            res.append({"input_ids": _pad([ins[i] for i in ix], PAD),
+                        "attention_mask": _pad([[1] * lengths[i] for i in ix], 0),
+                        "labels": labels, "decoder_tokens": (labels != -100).sum()})  # fmt: skip
+        return res
+
+    config = T5Config(
+        vocab_size=len(tok), d_model=128, d_ff=256, d_kv=32, num_layers=2, num_decoder_layers=2, num_heads=4,
+        dropout_rate=0.0, feed_forward_proj="relu", pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    model = T5ForConditionalGeneration(config)
+
+    def loss(m: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+
+    stats = train_loop(
+        model, _forever(make), loss, cfg.summariser_steps, cfg.summariser_lr, cfg.warmup, "world summariser"
+    )
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = EOS
+    model.generation_config.decoder_start_token_id = PAD
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {**stats, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def train_classifier(tok: PreTrainedTokenizerFast, cfg: BuildConfig, out: Path) -> dict[str, Any]:
+    """RoBERTa-style toxicity classifier (0 = nothate, 1 = hate); saved to ``out``."""
+    torch.manual_seed(cfg.seed + 2)
+    examples = corpus.toxicity_examples(cfg.classifier_steps * cfg.classifier_batch, seed=cfg.seed + 2)
+    ins = tok([x for x, _ in examples], truncation=True, max_length=128)["input_ids"]
+    ys = [y for _, y in examples]
+    lengths = [len(i) for i in ins]
+
+    def make(epoch: int) -> list[dict[str, torch.Tensor]]:
+        rng = random.Random(cfg.seed * 1000 + 2 + epoch)
+        return [{"input_ids": _pad([ins[i] for i in ix], PAD), "attention_mask": _pad([[1] * lengths[i] for i in ix], 0),
+                 "labels": torch.tensor([ys[i] for i in ix])} for ix in _batches(lengths, cfg.classifier_batch, rng)]  # fmt: skip
+
+    config = RobertaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=132, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=PAD,
+        bos_token_id=BOS, eos_token_id=EOS, num_labels=2, id2label={0: "nothate", 1: "hate"},
+        label2id={"nothate": 0, "hate": 1}, problem_type="single_label_classification",
+    )  # fmt: skip
+    model = RobertaForSequenceClassification(config)
+
+    def loss(m: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+
+    stats = train_loop(
+        model, _forever(make), loss, cfg.classifier_steps, cfg.classifier_lr, cfg.warmup, "world toxicity"
+    )
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return {**stats, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def build(
+    out: str | Path, seed: int = 0, quick: bool = False, config: BuildConfig | None = None
+) -> dict[str, Any]:
+    """Train all world models into ``out/{base,summariser,toxicity}``; writes ``out/build.json``."""
+    cfg = replace(config or (QUICK if quick else BuildConfig()), seed=seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0, threads = time.time(), torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _build(out, cfg, t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out: Path, cfg: BuildConfig, t0: float) -> dict[str, Any]:
+    raw = train_tokenizer(corpus.tokenizer_texts())
+    report: dict[str, Any] = {
+        "config": asdict(cfg),
+        "vocab_size": raw.get_vocab_size(),
+        "threads": torch.get_num_threads(),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+    say(f"[world build] tokenizer: {raw.get_vocab_size()} words")
+    report["base"] = train_base(hf_tokenizer(raw, "causal"), cfg, out / "base")
+    say(f"[world build] base: {report['base']}")
+    report["summariser"] = train_summariser(hf_tokenizer(raw, "seq2seq"), cfg, out / "summariser")
+    say(f"[world build] summariser: {report['summariser']}")
+    report["toxicity"] = train_classifier(hf_tokenizer(raw, "classifier"), cfg, out / "toxicity")
+    say(f"[world build] toxicity: {report['toxicity']}")
+    report["seconds"] = round(time.time() - t0, 1)
+    report["load_average_at_end"] = list(os.getloadavg())
+    report["megabytes"] = round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20, 2)
+    write_json_atomic(out / "build.json", report)
+    return report
