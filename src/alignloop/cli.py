@@ -94,7 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("alignloop: interrupted", file=sys.stderr)
         return 130
+    _leave_process_group()
     return int(code or 0)
+
+
+def _leave_process_group() -> None:
+    """Under a launcher, end the run together: wait for every process, then tear the process group
+    down. Left to interpreter exit, gloo's threads can be torn down in the wrong order and a process
+    that finished cleanly aborts ("terminate called without an active exception", SIGABRT)."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

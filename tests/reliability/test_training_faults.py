@@ -135,7 +135,9 @@ def test_a_truncated_checkpoint_is_reported_and_the_previous_one_used(trainer, t
     killed = tmp_path / "killed"
     _kill_at(make(tmp_path, tiny_gpt2, killed, 0), env, killed, 4, 0.0)
     ckpts = sorted((killed / "checkpoints").glob("step-*"))
-    assert len(ckpts) == 2, ckpts  # the newest and the one before it
+    # the newest and the one before it (a third, older one when the kill fell between writing the
+    # newest and pruning the oldest)
+    assert len(ckpts) in (2, 3), ckpts
     _truncate(ckpts[-1] / ("state.pt" if trainer == "ppo" else "trainable.safetensors"))
     res = _run(make(tmp_path, tiny_gpt2, killed, 0, quiet=False), env)  # not quiet: the warning is printed
     assert f"checkpoint {ckpts[-1]} is damaged" in res.stderr and "truncated" in res.stderr
