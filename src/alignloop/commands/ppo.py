@@ -58,5 +58,8 @@ def _ppo(args: argparse.Namespace) -> int:
     metrics = run_ppo(
         args.policy, args.reward, args.prompts, args.out, lora=args.lora, config=cfg, resume=args.resume
     )
-    print(json.dumps(metrics))
+    from alignloop.runs import is_main_process
+
+    if is_main_process():  # under accelerate/torchrun the summary is printed once
+        print(json.dumps(metrics))
     return 0
