@@ -32,8 +32,11 @@ def test_two_processes_killed_resumed_equal_one(tiny_gpt2, tmp_path, audit):
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
     assert m1["processes"] == 1 and m2["processes"] == 2  # a real 2-process group trained
     assert m2["epochs_run"] == 3
-    for key in ("eval_accuracy", "eval_loss", "train_loss", "train_accuracy", "reference_mean_before"):
+    for key in ("eval_accuracy", "eval_loss", "train_loss", "train_accuracy"):
         assert m2[key] == pytest.approx(m1[key], abs=1e-5), key
+    # the mean reward of the final weights: their float-rounding differences (up to ~1e-4, see below)
+    # move it by a few 1e-5 (measured 3.4e-5 once in CI)
+    assert m2["reference_mean_before"] == pytest.approx(m1["reference_mean_before"], abs=2e-4)
     log1, log2 = read_metrics_log(one), read_metrics_log(two)
     steps1 = [r for r in log1 if "loss" in r]
     steps2 = [r for r in log2 if "loss" in r]
