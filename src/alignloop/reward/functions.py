@@ -391,7 +391,10 @@ def classifier_probs(
     else:
         target = spec_or_model
         if not Path(target).is_dir():
-            parsed = parse_spec(target) if ":" in target else ParsedSpec("model", target)
+            if target.startswith("world:") and target[6:] in _WORLD_MODELS:  # every label: none needed
+                parsed = ParsedSpec("classifier", target)
+            else:
+                parsed = parse_spec(target) if ":" in target else ParsedSpec("model", target)
             if parsed.kind not in ("model", "classifier"):
                 raise UserError(f"{target!r} does not name a classifier", fix="e.g. world:toxicity")
             target = parsed.target
