@@ -189,7 +189,9 @@ def test_world_gold_is_the_judge_score():
 def test_classifier_probs_of_a_world_classifier_need_no_label():
     """``world:toxicity`` names the classifier; probabilities are of every label, so no ``:LABEL``."""
     plain = classifier_probs("world:toxicity", ["you are an idiot .", "the blender is good ."])
-    assert plain == classifier_probs("world:toxicity:nothate", ["you are an idiot .", "the blender is good ."])
+    assert plain == classifier_probs(
+        "world:toxicity:nothate", ["you are an idiot .", "the blender is good ."]
+    )
     assert set(plain[0]) == {"nothate", "hate"} and plain[0]["hate"] > 0.5 > plain[1]["hate"]
     with pytest.raises(UserError, match="unknown world reward 'world:nope'"):
         classifier_probs("world:nope", ["x"])
