@@ -27,7 +27,6 @@ import bisect
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,47 +35,19 @@ import threading
 import time
 from pathlib import Path
 
+from common import gpt2_config, peak_rss_mb, rss_mb, word_tokenizer
+
 LR = 1e-5
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build_model(folder: Path, vocab: int = 2048, seed: int = 0) -> Path:
     """A random-init GPT-2 (2 layers, width 128, ``vocab`` words) with a word-level tokenizer."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2LMHeadModel
 
-    words = ["<pad>", "<eos>", "<unk>", "<bos>"] + [f"w{i}" for i in range(vocab - 4)]
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", bos_token="<bos>"
-    )
-    fast.save_pretrained(folder)
+    word_tokenizer(vocab).save_pretrained(folder)
     torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=vocab,
-        n_positions=256,
-        n_embd=128,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=3,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
-    GPT2LMHeadModel(cfg).save_pretrained(folder)
+    GPT2LMHeadModel(gpt2_config(vocab, positions=256, heads=4)).save_pretrained(folder)
     return folder
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,55 +35,23 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import gpt2_config, peak_rss_mb, rss_mb, word_tokenizer
+
 LR = 1e-5
 KL_COEF = 0.05
 PROMPT_LEN = 16
 
 
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def build(folder: Path, vocab: int = 2048, seed: int = 0) -> None:
     """``folder/policy``: GPT-2 LM; ``folder/reward``: GPT-2 scalar classifier; ``folder/prompts.json``."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (
-        GPT2Config,
-        GPT2ForSequenceClassification,
-        GPT2LMHeadModel,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    words = ["<pad>", "<eos>", "<unk>", "<bos>"] + [f"w{i}" for i in range(vocab - 4)]
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", bos_token="<bos>"
-    )
-    cfg = dict(
-        vocab_size=vocab,
-        n_positions=128,
-        n_embd=128,
-        n_layer=2,
-        n_head=2,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=3,
-    )
+    fast = word_tokenizer(vocab)
     torch.manual_seed(seed)
     for name, model in (
-        ("policy", GPT2LMHeadModel(GPT2Config(**cfg))),
-        ("reward", GPT2ForSequenceClassification(GPT2Config(**cfg, num_labels=1))),
+        ("policy", GPT2LMHeadModel(gpt2_config(vocab, positions=128, heads=2))),
+        ("reward", GPT2ForSequenceClassification(gpt2_config(vocab, positions=128, heads=2, num_labels=1))),
     ):
         model.save_pretrained(folder / name)
         fast.save_pretrained(folder / name)
