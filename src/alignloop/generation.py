@@ -238,6 +238,32 @@ def _sampling(settings: SamplingSettings) -> bool:
 DROP_FINISHED_AT = 0.25
 
 
+def _sample_step(
+    logits: Tensor, t: int, rows: Tensor, done: Tensor, tokens: Tensor, settings: SamplingSettings,
+    u: Tensor | None, pad_id: int,
+) -> Tensor:  # fmt: skip
+    """Step ``t``'s token for every row still in the batch, written into ``tokens`` and returned."""
+    tok = next_tokens(logits, settings, None if u is None else u[t, rows])
+    tok = tok.masked_fill(done, pad_id)  # a finished row not yet dropped only pads
+    tokens[rows, t] = tok
+    return tok
+
+
+def _rows_to_keep(tok: Tensor, done: Tensor, stop: Tensor, cache: Any) -> Tensor | None:
+    """After a step, mark the rows that stopped in ``done`` (in place). Returns the rows that stay
+    (the others already left ``cache``) once enough have finished to be worth a copy of the cache,
+    an empty tensor when every row has finished, and None while the batch stays as it is."""
+    done |= torch.isin(tok, stop)
+    n_done = int(done.sum())
+    if n_done == len(done):
+        return done.new_zeros(0, dtype=torch.long)
+    if n_done >= DROP_FINISHED_AT * len(done):
+        keep = (~done).nonzero()[:, 0]
+        cache.batch_select_indices(keep)
+        return keep
+    return None
+
+
 def _causal_loop(
     model: Any,
     prompt_ids: list[list[int]],
@@ -275,26 +301,14 @@ def _causal_loop(
     rows = torch.arange(B, device=device)  # the original row of each row still in the batch
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(T):
-        tok = next_tokens(logits, settings, None if u is None else u[t, rows])
-        tok = tok.masked_fill(done, pad_id)  # a finished row not yet dropped only pads
-        tokens[rows, t] = tok
+        tok = _sample_step(logits, t, rows, done, tokens, settings, u, pad_id)
         if t + 1 == T:
             break
-        if settings.stop_at_eos:
-            done |= torch.isin(tok, stop)
-            n_done = int(done.sum())
-            if n_done == len(rows):
+        keep = _rows_to_keep(tok, done, stop, cache) if settings.stop_at_eos else None
+        if keep is not None:
+            if len(keep) == 0:
                 return tokens[:, : t + 1]
-            if n_done >= DROP_FINISHED_AT * len(rows):  # finished rows leave the batch and the cache
-                keep = (~done).nonzero()[:, 0]
-                cache.batch_select_indices(keep)
-                rows, tok, mask, next_pos, done = (
-                    rows[keep],
-                    tok[keep],
-                    mask[keep],
-                    next_pos[keep],
-                    done[keep],
-                )
+            rows, tok, mask, next_pos, done = rows[keep], tok[keep], mask[keep], next_pos[keep], done[keep]
         out = model(
             input_ids=tok[:, None],
             attention_mask=mask[:, : P + t + 1],
@@ -345,19 +359,13 @@ def _seq2seq_loop(
             past_key_values=cache,
             use_cache=True,
         )
-        tok = next_tokens(out.logits[:, -1], settings, None if u is None else u[t, rows])
-        tok = tok.masked_fill(done, pad_id)  # a finished row not yet dropped only pads
-        tokens[rows, t] = tok
-        if settings.stop_at_eos and t + 1 < T:
-            done |= torch.isin(tok, stop)
-            n_done = int(done.sum())
-            if n_done == len(rows):
+        tok = _sample_step(out.logits[:, -1], t, rows, done, tokens, settings, u, pad_id)
+        keep = _rows_to_keep(tok, done, stop, cache) if settings.stop_at_eos and t + 1 < T else None
+        if keep is not None:
+            if len(keep) == 0:
                 return tokens[:, : t + 1]
-            if n_done >= DROP_FINISHED_AT * len(rows):  # finished rows leave the batch and the cache
-                keep = (~done).nonzero()[:, 0]
-                cache.batch_select_indices(keep)
-                rows, tok, done = rows[keep], tok[keep], done[keep]
-                encoded, enc_mask = encoded[keep], enc_mask[keep]
+            rows, tok, done = rows[keep], tok[keep], done[keep]
+            encoded, enc_mask = encoded[keep], enc_mask[keep]
     return tokens
 
 
