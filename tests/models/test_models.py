@@ -199,3 +199,38 @@ def test_separate_critic_from_reward_model(tiny_gpt2, tiny_classifier, tmp_path)
     assert out.values.shape == batch.response_ids.shape and out.values.abs().sum() > 0
     with pytest.raises(UserError, match="bidirectional"):
         load_policy(tiny_gpt2, critic=tiny_classifier)
+
+
+def test_fused_gelu_is_the_same_function_and_the_saved_model_is_unchanged(tiny_gpt2, tmp_path):
+    """GPT-2's ``gelu_new`` (a Python formula) runs as torch's fused tanh GELU after loading: the
+    outputs and gradients agree to float rounding, and a model saved after loading is what it was."""
+    from transformers import AutoModelForCausalLM, T5Config, T5ForConditionalGeneration
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    plain = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    model, _ = load_lm(tiny_gpt2)
+    assert any(isinstance(m, NewGELUActivation) for m in plain.modules())
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    assert sum(isinstance(m, GELUTanh) for m in model.modules()) == plain.config.n_layer
+    ids = torch.randint(0, plain.config.vocab_size, (2, 12))
+    a, b = plain(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5) and not torch.equal(a, b)  # rounding only
+    a.sum().backward()
+    b.sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), model.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-4), name
+    model.save_pretrained(tmp_path / "saved")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved").config.activation_function == "gelu_new"
+
+    t5 = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=64,
+            d_model=16,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            d_kv=8,
+            feed_forward_proj="gated-gelu",
+        )
+    )
+    assert models.fuse_activations(t5) == 2  # FLAN-T5's gated GELU: one in the encoder, one in the decoder

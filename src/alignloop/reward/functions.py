@@ -252,6 +252,7 @@ def load_sequence_classifier(model_id: str, device: str | None = None) -> tuple[
     from alignloop.models import (
         configure_threads,
         default_dtype,
+        fuse_activations,
         load_tokenizer,
         pick_device,
         resolve_model_id,
@@ -285,6 +286,7 @@ def load_sequence_classifier(model_id: str, device: str | None = None) -> tuple[
         ) from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
+    fuse_activations(model)
     model.to(dev).eval()
     return model, tok
 
