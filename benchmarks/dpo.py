@@ -4,7 +4,8 @@ Same model (a tiny GPT-2 folder, random init unless --model), same pairs, same b
 both sides (TRL's config defaults to bf16=True even on a CPU: we pass bf16=False), no gradient
 checkpointing on either side (TRL's default is on), full fine-tuning, reference log-probs
 precomputed once on both sides (no reference model in memory), AdamW, linear schedule, grad
-clipping at 1.0.
+clipping at 1.0. alignloop runs GPT-2's ``gelu_new`` as torch's fused tanh GELU (the same function to
+5e-7, :func:`alignloop.models.fuse_activations`); TRL runs the model as loaded.
 
 Each side runs in its own fresh process, alternating A B A B for ``--rounds`` rounds. A step's
 time is the interval between the ends of consecutive optimizer steps (so data loading, logging

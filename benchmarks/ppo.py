@@ -7,6 +7,9 @@ copy, the same batch, the same *fixed* response length (no stop token: a random 
 at random lengths and make one side look cheaper), the same PPO epochs and minibatches, no KL
 early stop, no gradient checkpointing. TRL's value model is its own network (its design); ours
 is a value head on the policy's trunk (our design) -- that difference is part of what is measured.
+alignloop runs GPT-2's ``gelu_new`` (a chain of eight Python-level ops) as torch's fused tanh GELU
+(the same function to 5e-7, :func:`alignloop.models.fuse_activations`); TRL runs the model as loaded;
+the floor uses the fused form too.
 
 The floor is the bare work a step must do, in plain torch: sample the response tokens with a
 KV cache, one no-grad forward of the policy (log-probs + values), one of the reference, one of
@@ -164,12 +167,16 @@ def side_floor(folder: Path, a: argparse.Namespace) -> list[float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache
 
+    from alignloop.models import fuse_activations
+
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_pretrained(folder / "policy")
-    ref = copy.deepcopy(policy).requires_grad_(False)
     rm = AutoModelForSequenceClassification.from_pretrained(folder / "reward", num_labels=1).requires_grad_(
         False
     )
+    fuse_activations(policy)  # the floor runs the fastest form of the same function, as alignloop does
+    fuse_activations(rm)
+    ref = copy.deepcopy(policy).requires_grad_(False)
     head = torch.nn.Linear(policy.config.n_embd, 1)
     params = list(policy.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=LR)
