@@ -1,4 +1,6 @@
-"""``reward train --resume`` after a kill -9: continues after the last finished epoch."""
+"""``reward train --resume`` after a kill -9: continues after the last finished epoch (here the epochs are
+shorter than ``checkpoint_every``; tests/reliability/test_reward_faults.py kills inside steps and
+checkpoint writes and compares with an uninterrupted run)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,18 @@ def test_kill_and_resume(tiny_gpt2, tmp_path):
     done = json.loads(latest.read_text())["epoch"]
     assert done < 2
     assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+
+    # another config cannot continue this run's checkpoint: one clear line, exit 2, nothing removed
+    other = subprocess.run(
+        [*args, "--set", "learning_rate=1e-3", "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr
+    assert "the checkpoint was made with another config or other input files" in other.stderr
+    assert json.loads(latest.read_text())["epoch"] == done
 
     res = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr

@@ -11,7 +11,8 @@ The algorithm, top to bottom (:func:`train_reward_model`):
    ``accelerate launch`` / torchrun each process takes its share of the step's groups and the
    loss is scaled so that the averaged gradients equal one process's (see alignloop.distributed);
 5. held-out accuracy every epoch, keep the best epoch, stop after ``patience`` epochs
-   without improvement; an atomic checkpoint every epoch (``--resume`` continues from it);
+   without improvement; an atomic, SHA-256-verified checkpoint every ``checkpoint_every`` steps
+   and at the end of every epoch (``--resume`` continues from the newest intact one, exactly);
 6. shift (and optionally scale) the head so the reference completions' mean reward is 0;
 7. save an HF folder (``config.json``, ``model.safetensors``, tokenizer) with the run's
    ``manifest.json``/``metrics.json``/``metrics.jsonl``: ``load_reward(out)`` reads it.
@@ -19,15 +20,17 @@ The algorithm, top to bottom (:func:`train_reward_model`):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from alignloop.config import Config
@@ -78,6 +81,10 @@ class RewardTrainConfig(Config):
     max_grad_norm: float = 1.0
     disable_dropout: bool = True
     skip_bad: bool = False  # count and skip malformed pair lines instead of stopping
+    # training state for --resume every N steps inside an epoch (0: only at the end of each epoch,
+    # where one is always written); the older of the kept ones is the fallback if the newest is damaged
+    checkpoint_every: int = Field(100, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
     seed: int = 0
     device: str | None = None
 
@@ -293,34 +300,159 @@ def normalize_head(model: nn.Module, mean: float, std: float, scale: bool) -> fl
 
 
 # ----------------------------------------------------------------------------- checkpoints
+#
+# checkpoints/step-N/     trainable.safetensors, optimizer.pt (AdamW, schedule, RNG), state.json
+#                         (loop state, fingerprint, the best epoch's folder, size + SHA-256 of each file)
+# checkpoints/best-E/     trainable.safetensors of epoch E (0-based), the best so far; state.json
+# checkpoints/latest.json the newest checkpoint's loop state (for people and tools; resume scans step-*)
+#
+# Every folder is written to a hidden temporary folder, fsynced and renamed into place: a kill -9 at
+# any moment leaves whole folders only.
+
+CHECKPOINTS = "checkpoints"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_folder(final: Path, write: Callable[[Path], None], info: dict[str, Any]) -> None:
+    """Call ``write(tmp)`` on a fresh hidden folder, record each file's size and SHA-256 in its
+    ``state.json`` (with ``info``), fsync everything and rename it to ``final``."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+    write_json_atomic(tmp / "state.json", {**info, "files": files})
+    for f in tmp.iterdir():  # on disk before the rename makes them the checkpoint
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself
+    finally:
+        os.close(fd)
+
+
+def _save_weights(folder: Path, weights: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in weights.items()}, folder / "trainable.safetensors")
+
+
+def _best_name(epoch: int) -> str:
+    """The folder of the best epoch's weights (every process knows the name; the main one writes it)."""
+    return f"best-{epoch}"
+
+
+def _save_best(root: Path, epoch: int, weights: dict[str, torch.Tensor]) -> None:
+    """``root/best-<epoch>``: the weights of the best epoch so far."""
+    _write_folder(root / _best_name(epoch), lambda d: _save_weights(d, weights), {"epoch": epoch})
 
 
 def _save_checkpoint(
-    folder: Path, name: str, weights: dict[str, torch.Tensor], optimizer: Any, scheduler: Any, state: dict
-) -> None:
-    """Write ``folder/name`` (trainable ``weights``, optimizer, scheduler, RNG) completely, then point
-    ``folder/latest.json`` at it (atomic). Main process only."""
-    from safetensors.torch import save_file
+    root: Path,
+    weights: dict[str, torch.Tensor],
+    optimizer: Any,
+    scheduler: Any,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """``root/step-<step>``: trainable weights, AdamW, schedule, RNG and loop ``state`` (which names its
+    best-epoch folder in ``state["best"]``). Keeps the newest ``keep`` checkpoints and the best-epoch
+    folders they name; then points ``latest.json`` at it. Main process only."""
 
-    tmp = folder / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, tmp / "trainable.safetensors")
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-        },
-        tmp / "optimizer.pt",
-    )
-    shutil.rmtree(folder / name, ignore_errors=True)
-    os.replace(tmp, folder / name)
-    write_json_atomic(folder / "latest.json", {**state, "dir": name})
-    keep = {name, f"epoch-{state['best_epoch']}"}
-    for old in folder.glob("epoch-*"):
-        if old.name not in keep:
+    def write(d: Path) -> None:
+        _save_weights(d, weights)
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+            },
+            d / "optimizer.pt",
+        )
+
+    final = root / f"step-{state['step']:08d}"
+    _write_folder(final, write, state)
+    kept = sorted(root.glob("step-*"))
+    for old in kept[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    named = {state.get("best")}
+    for c in kept[-keep:]:
+        try:
+            named.add(json.loads((c / "state.json").read_text()).get("best"))
+        except (OSError, json.JSONDecodeError):
+            pass  # damaged: never resumed from, so it holds nothing back
+    for old in root.glob("best-*"):
+        if old.name not in named:
             shutil.rmtree(old, ignore_errors=True)
+    write_json_atomic(root / "latest.json", {**state, "dir": final.name})
+    return final
+
+
+def _verify(folder: Path) -> dict[str, Any]:
+    """``folder``'s ``state.json``, after checking every file it lists: raises ``ValueError`` saying what
+    is wrong when ``state.json`` is unreadable or a file is missing, truncated or altered."""
+    try:
+        info = json.loads((folder / "state.json").read_text())
+        files = info["files"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"state.json unreadable ({type(e).__name__}: {e})") from None
+    for name, want in files.items():
+        f = folder / name
+        if not f.is_file():
+            raise ValueError(f"{name} is missing")
+        if f.stat().st_size != want["bytes"]:
+            raise ValueError(f"{name} has {f.stat().st_size} bytes, {want['bytes']} were written (truncated)")
+        if _sha256(f) != want["sha256"]:
+            raise ValueError(f"{name} does not match the SHA-256 recorded when it was written")
+    return info
+
+
+def latest_checkpoint(root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest intact checkpoint in ``root`` and its ``state.json`` (None when there is none at all).
+
+    A damaged one (a file truncated or altered, or its best-epoch weights damaged) is reported and
+    the previous one used; when every checkpoint is damaged: a :class:`UserError`.
+    """
+    found = sorted(root.glob("step-*"), reverse=True)
+    problems = []
+    for ckpt in found:
+        try:
+            info = _verify(ckpt)
+            if info.get("best"):
+                try:
+                    _verify(root / info["best"])
+                except ValueError as e:
+                    raise ValueError(f"its best epoch's weights {info['best']}: {e}") from None
+            return ckpt, info
+        except ValueError as e:
+            problems.append(f"{ckpt.name}: {e}")
+            say(f"[reward] warning: checkpoint {ckpt} is damaged ({e}); falling back to the previous one")
+    if found:
+        raise UserError(
+            "every checkpoint is damaged (" + "; ".join(problems) + ")",
+            str(root),
+            "run without --resume to start over",
+        )
+    return None
+
+
+def _load_checkpoint(ckpt: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
+    """Restore the trainable weights, AdamW, schedule and RNG from a verified checkpoint."""
+    _load_trainable(model, ckpt / "trainable.safetensors", ckpt)
+    saved = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])
 
 
 def _truncate_log(out: Path, step: int) -> None:
@@ -340,11 +472,17 @@ def _truncate_log(out: Path, step: int) -> None:
     os.replace(tmp, log)
 
 
-def _load_trainable(model: nn.Module, path: Path) -> None:
+def _load_trainable(model: nn.Module, path: Path, where: Path | None = None) -> None:
     from safetensors.torch import load_file
 
     saved = load_file(path)
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(saved) != set(params):
+        raise UserError(
+            "the checkpoint does not match this model (different model or LoRA settings)",
+            str(where or path.parent),
+            "resume with the same --model, --lora and config, or use a new --out folder",
+        )
     with torch.no_grad():
         for k, v in saved.items():
             params[k].copy_(v)
@@ -404,6 +542,17 @@ def _train(
     from transformers import get_scheduler
 
     configure_threads()
+    # the checkpoint to resume from, verified before anything slow; every process reads the main
+    # process's checkpoints (a shared folder when on several machines)
+    ckpt = out / CHECKPOINTS
+    fingerprint = run.manifest["fingerprint"]
+    found = latest_checkpoint(ckpt) if resume else None
+    if found is not None and found[1].get("fingerprint") != fingerprint:
+        raise UserError(
+            "the checkpoint was made with another config or other input files",
+            str(found[0]),
+            "resume with the same arguments and config, or run without --resume to start over",
+        )
     torch.manual_seed(cfg.seed)
     hard = cfg.labels == "hard"
     # 1. pairs, grouped by prompt; whole prompts held out
@@ -449,38 +598,53 @@ def _train(
     )  # not passed to accelerate.prepare: it would tick once per process; our steps are global
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    # resume from the last finished epoch of this very run (same config and inputs)
-    ckpt = out / "checkpoints"
-    state = {
-        "epoch": -1,
-        "step": 0,
+    # resume from the newest intact checkpoint of this very run (same config and inputs), found above
+    state: dict[str, Any] = {
+        "step": 0,  # optimizer steps done (the data position: epochs have steps_per_epoch steps)
+        "epoch": -1,  # the last finished epoch (0-based; its held-out evaluation done)
         "best_epoch": -1,
         "best_accuracy": -1.0,
         "bad_epochs": 0,
+        "best": None,  # the folder holding the best epoch's weights
         "train_seconds": 0.0,
         "pairs_seen": 0,
+        "epoch_seconds": 0.0,  # of the epoch under way
+        "epoch_pairs": 0,
     }
-    latest = ckpt / "latest.json"
-    if (
-        resume
-        and latest.is_file()
-        and json.loads(latest.read_text()).get("fingerprint") == run.manifest["fingerprint"]
-    ):  # every process reads the main process's checkpoint (a shared folder when on several machines)
-        saved = json.loads(latest.read_text())
+    if found is not None:
+        folder, saved = found
         state.update({k: saved[k] for k in state})
-        _load_trainable(accelerator.unwrap_model(model), ckpt / saved["dir"] / "trainable.safetensors")
-        opt_state = torch.load(ckpt / saved["dir"] / "optimizer.pt", weights_only=False)
-        optimizer.load_state_dict(opt_state["optimizer"])
-        scheduler.load_state_dict(opt_state["scheduler"])
-        torch.set_rng_state(opt_state["rng"])
-        if accelerator.is_main_process:
-            _truncate_log(out, state["step"])  # rows logged after the checkpoint are logged again
+        _load_checkpoint(folder, accelerator.unwrap_model(model), optimizer, scheduler)
         say(
-            f"[reward] resumed after epoch {state['epoch'] + 1} (best held-out accuracy {state['best_accuracy']:.3f})"
+            f"[reward] resuming at step {state['step']} of {total_steps} from {folder}"
+            f" (epoch {state['step'] // steps_per_epoch + 1}; best held-out accuracy so far"
+            f" {state['best_accuracy']:.3f})"
         )
-    elif ckpt.exists() and accelerator.is_main_process:
-        shutil.rmtree(ckpt)
-    barrier()  # nobody reads the checkpoints while the main process may still clear them
+    barrier()  # every process has read the checkpoint before the main process changes the folder
+    if accelerator.is_main_process:
+        if resume:
+            _truncate_log(out, state["step"])  # rows logged after the checkpoint are logged again
+        else:
+            shutil.rmtree(ckpt, ignore_errors=True)
+
+    def checkpoint(epoch_done: bool) -> None:
+        """Best-epoch weights (at the end of an improving epoch) and a checkpoint; every process calls it."""
+        weights = trainable_state(accelerator, model)  # every process: gathers sharded weights
+        new_best = epoch_done and state["best_epoch"] == state["epoch"]
+        if new_best:  # on every process: each loads the best weights at the end
+            state["best"] = _best_name(state["epoch"])
+        if accelerator.is_main_process:
+            if new_best:
+                _save_best(ckpt, state["epoch"], weights)
+            _save_checkpoint(
+                ckpt,
+                weights,
+                optimizer,
+                scheduler,
+                {**state, "fingerprint": fingerprint},
+                cfg.keep_checkpoints,
+            )
+        barrier()
 
     # 4.-5. epochs of grouped batches, held-out accuracy, early stop, checkpoints
     stopped_early = False
@@ -489,10 +653,17 @@ def _train(
             stopped_early = True
             break
         model.train()
-        t0 = time.perf_counter()
-        pairs_epoch = 0
+        done = state["step"] - epoch * steps_per_epoch  # > 0: resumed inside this epoch
+        if done == 0:
+            state.update(epoch_seconds=0.0, epoch_pairs=0)
         batches = epoch_batches(len(train_enc), cfg.batch_prompts, epoch, cfg.seed)
-        for batch_idx in progress(batches, desc=f"reward epoch {epoch + 1}/{cfg.epochs}", unit="step"):
+        t0 = time.perf_counter()
+        for batch_idx in progress(
+            batches[done:],
+            total=len(batches) - done,
+            desc=f"reward epoch {epoch + 1}/{cfg.epochs}",
+            unit="step",
+        ):
             global_pairs = sum(len(train_enc[i]["chosen"]) for i in batch_idx)
             mine = shard(batch_idx, rank, world)
             # a process without a group in a short last batch still joins the gradient all-reduce
@@ -515,7 +686,7 @@ def _train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
-            pairs_epoch += global_pairs
+            state["epoch_pairs"] += global_pairs
             sums = all_reduce_sum(_pair_sums(rewards.cpu(), {k: v.cpu() for k, v in batch.items()}) * scale)
             run.log(
                 state["step"],
@@ -524,9 +695,15 @@ def _train(
                 accuracy=float(sums[2] / sums[3]) if sums[3] > 0 else float("nan"),
                 lr=scheduler.get_last_lr()[0],
             )
-        seconds = time.perf_counter() - t0
+            # inside the epoch (the epoch's last step is checkpointed after its evaluation, below)
+            inside = state["step"] < (epoch + 1) * steps_per_epoch
+            if inside and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                state["epoch_seconds"] += time.perf_counter() - t0
+                checkpoint(epoch_done=False)
+                t0 = time.perf_counter()  # the time spent writing is not training time
+        seconds = state["epoch_seconds"] + time.perf_counter() - t0
         state["train_seconds"] += seconds
-        state["pairs_seen"] += pairs_epoch
+        state["pairs_seen"] += state["epoch_pairs"]
         ev = evaluate_groups(accelerator.unwrap_model(model), eval_enc, pad_id) if eval_enc else None
         score = ev["accuracy"] if ev else -epoch  # no held-out set: the last epoch is the best
         improved = state["best_epoch"] < 0 or score > state["best_accuracy"]
@@ -535,7 +712,7 @@ def _train(
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch
-        row = {"epoch": epoch + 1, "pairs_per_second": pairs_epoch / max(seconds, 1e-9)}
+        row = {"epoch": epoch + 1, "pairs_per_second": state["epoch_pairs"] / max(seconds, 1e-9)}
         if ev:
             row.update(eval_loss=ev["loss"], eval_accuracy=ev["accuracy"])
         run.log(state["step"], **row)
@@ -543,24 +720,15 @@ def _train(
             f"[reward] epoch {epoch + 1}: "
             + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
         )
-        weights = trainable_state(accelerator, model)  # every process: gathers sharded weights
-        if accelerator.is_main_process:
-            _save_checkpoint(
-                ckpt,
-                f"epoch-{epoch}",
-                weights,
-                optimizer,
-                scheduler,
-                {**state, "fingerprint": run.manifest["fingerprint"]},
-            )
-        barrier()
+        state.update(epoch_seconds=0.0, epoch_pairs=0)
+        checkpoint(epoch_done=True)
     else:
         stopped_early = False
 
     # the best epoch's weights; LoRA folded into the base so the folder loads anywhere
     model = accelerator.unwrap_model(model)
-    if state["best_epoch"] >= 0 and (ckpt / f"epoch-{state['best_epoch']}").is_dir():
-        _load_trainable(model, ckpt / f"epoch-{state['best_epoch']}" / "trainable.safetensors")
+    if state["best"] is not None:
+        _load_trainable(model, ckpt / state["best"] / "trainable.safetensors")
     barrier()  # every process has read the best epoch before the main process deletes the checkpoints
     if cfg.lora is not None:
         model = model.merge_and_unload()
@@ -586,7 +754,6 @@ def _train(
     if accelerator.is_main_process:
         model.save_pretrained(out)
         tok.save_pretrained(out)
-        shutil.rmtree(ckpt, ignore_errors=True)
     metrics = {
         "eval_accuracy": final_eval.get("accuracy"),
         "eval_loss": final_eval.get("loss"),
@@ -609,7 +776,10 @@ def _train(
         say(
             f"[reward] held-out accuracy {final_eval['accuracy']:.3f} on {final_eval['pairs']} pairs; saved {out}"
         )
-    return run.finish(metrics)
+    metrics = run.finish(metrics)
+    if accelerator.is_main_process:  # after metrics.json: a kill before this leaves a finished run
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return metrics
 
 
 def _reference_groups(path: str | Path) -> list[Group]:
