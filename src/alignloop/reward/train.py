@@ -48,6 +48,7 @@ from alignloop.models import (
     configure_threads,
     default_dtype,
     disable_dropout,
+    fuse_activations,
     load_tokenizer,
     lora_target_modules,
     resolve_model_id,
@@ -257,6 +258,7 @@ def load_reward_model(
         ) from None
     model.config.pad_token_id = tok.pad_token_id
     model.config.id2label, model.config.label2id = {0: "reward"}, {"reward": 0}
+    fuse_activations(model)
     if no_dropout:
         disable_dropout(model)
     if lora is not None:
