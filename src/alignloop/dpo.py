@@ -13,6 +13,12 @@ the losses (all minimised, one value per pair) are
                        (labels flipped with probability eps; Mitchell 2023)
     IPO:               (h - 1 / (2 * tau))^2          (Azar et al. 2023, eq. 17; tau = beta)
 
+and, with ``nll_coef = alpha > 0``, each pair adds ``alpha * NLL(y_w|x) / |y_w|`` (the chosen
+response's mean token negative log-likelihood; Pang et al. 2024, "Iterative Reasoning Preference
+Optimization", eq. 1): the preference term can lower the likelihood of chosen *and* rejected
+responses, and the mass they lose goes to text neither side ever showed (in the world: ungrammatical
+F text); the NLL term keeps the chosen responses likely.
+
 ``beta * (log pi(y|x) - log ref(y|x))`` is the *implicit reward* of a completion: DPO is the
 reward model's pair-wise logistic loss ``-log sigmoid(r_w - r_l)`` with that reward.
 
@@ -148,6 +154,19 @@ def weighted_mean(
     return (weights * losses).sum() / denom
 
 
+def chosen_nll(chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
+    """Mean token negative log-likelihood of each chosen response, ``-log pi(y_w|x) / |y_w|``.
+
+    Args:
+        chosen_logps: ``[B]`` summed log-probs ``log pi(y_w|x)`` (with grad).
+        chosen_lengths: ``[B]`` response lengths in tokens (EOS included).
+
+    Returns:
+        ``[B]`` NLL per token.
+    """
+    return -chosen_logps / chosen_lengths.to(chosen_logps.dtype).clamp(min=1)
+
+
 def implicit_rewards(policy_logps: Tensor, reference_logps: Tensor, beta: float) -> Tensor:
     """DPO's implicit reward ``r(x, y) = beta * (log pi(y|x) - log ref(y|x))``, ``[B]`` -> ``[B]`` (no grad)."""
     return (beta * (policy_logps - reference_logps)).detach()
@@ -212,6 +231,8 @@ class DPOConfig(Config):
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     beta: float = Field(0.25, gt=0)  # measured in the world: 0.1 drifts far (KL 33 nats by 3 epochs)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    # + nll_coef * mean token NLL of the chosen response (RPO, Pang et al. 2024); world: keeps F down
+    nll_coef: float = Field(0.0, ge=0)
     average_logprobs: bool | None = None  # None: True for ipo (as TRL does), False for sigmoid
     reference: Literal["precompute", "on_the_fly"] = "precompute"
     lora: LoraSettings | None = None  # set (or --lora) to train a LoRA adapter
@@ -807,7 +828,7 @@ def _train(
         idx = batch_indices(step, len(train), cfg.batch_size, cfg.seed)
         global_weight = float(train.weights[idx].sum()) / world  # DDP averages over processes
         mine = idx[rank::world]
-        sums = torch.zeros(6, dtype=torch.float64)
+        sums = torch.zeros(7, dtype=torch.float64)
         chunks = [mine[s : s + micro] for s in range(0, len(mine), micro)]
         for k, part in enumerate(chunks):
             sync = contextlib.nullcontext() if k == len(chunks) - 1 else accelerator.no_sync(model)
@@ -819,6 +840,14 @@ def _train(
                     pc, pr, rc.to(pc.device), rr.to(pc.device), cfg.beta, cfg.loss_type, cfg.label_smoothing,
                     w, total_weight=max(global_weight, 1e-12),
                 )  # fmt: skip
+                nll = torch.zeros((), device=pc.device)
+                if cfg.nll_coef > 0:
+                    lengths = torch.tensor([len(train.chosen_ids[i]) for i in part], device=pc.device)
+                    # pc is already a mean when the log-probs are averaged (ipo)
+                    nll = weighted_mean(
+                        -pc if cfg.averaged() else chosen_nll(pc, lengths), w, max(global_weight, 1e-12)
+                    )
+                    loss = loss + cfg.nll_coef * nll
                 accelerator.backward(loss)
             sums += torch.tensor(
                 [
@@ -828,6 +857,7 @@ def _train(
                     st["rewards_chosen"].sum(),
                     st["rewards_rejected"].sum(),
                     len(part),
+                    float(nll.detach()),
                 ],
                 dtype=torch.float64,
             )
@@ -847,6 +877,8 @@ def _train(
             "lr": lr,
             "pairs_per_second": len(idx) / (time.perf_counter() - t0),
         }
+        if cfg.nll_coef > 0:
+            last["nll_chosen"] = float(sums[6]) / world
         if grad_norm is not None:
             last["grad_norm"] = grad_norm
         done = step + 1

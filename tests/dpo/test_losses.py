@@ -10,6 +10,7 @@ import torch
 
 from alignloop.dpo import (
     average_logps,
+    chosen_nll,
     dpo_loss,
     implicit_rewards,
     ipo_loss,
@@ -91,6 +92,13 @@ def test_implicit_reward_and_average():
     tok = torch.tensor([[-1.0, -2.0, -9.0], [-4.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     assert average_logps(tok, mask).tolist() == pytest.approx([-1.5, -4.0])
+
+
+def test_chosen_nll_by_hand():
+    # log pi(y_w) = -3 over 2 tokens, -4 over 4 tokens: mean token NLL 1.5 and 1.0
+    nll = chosen_nll(torch.tensor([-3.0, -4.0]), torch.tensor([2, 4]))
+    assert nll.tolist() == pytest.approx([1.5, 1.0])
+    assert weighted_mean(nll, torch.tensor([1.0, 3.0])).item() == pytest.approx((1.5 + 3.0) / 4)
 
 
 @pytest.mark.parametrize("beta", [0.1, 1.0, 10.0, 100.0, 1000.0])

@@ -4,6 +4,7 @@ and on-the-fly reference, weights, held-out metrics, the saved policy, user erro
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -117,6 +118,33 @@ def test_ipo_and_conservative_dpo_train(tiny_gpt2, pairs_file, tmp_path):
     assert ipo["heldout/accuracy"] >= 0.9 and cdpo["heldout/accuracy"] >= 0.9
     # IPO (averaged log-probs, as TRL) starts at loss (0 - 1/(2 beta))^2 = 1
     assert read_metrics_log(tmp_path / "ipo")[0]["loss"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_nll_term_keeps_chosen_likely(tiny_gpt2, pairs_file, tmp_path):
+    """RPO's ``nll_coef``: step 1's loss is DPO's log 2 plus nll_coef x the chosen responses' mean token
+    NLL under the reference (logged as nll_chosen), and training with it leaves the chosen responses
+    more likely than without it (DPO alone can lower them)."""
+    common = dict(max_steps=15, learning_rate=1e-3, heldout_fraction=0.0, beta=0.1)
+    train_dpo(tiny_gpt2, pairs_file, tmp_path / "dpo", DPOConfig(**common))
+    train_dpo(tiny_gpt2, pairs_file, tmp_path / "rpo", DPOConfig(**common, nll_coef=2.0))
+    first = read_metrics_log(tmp_path / "rpo")[0]
+    assert first["nll_chosen"] > 0
+    assert first["loss"] == pytest.approx(math.log(2) + 2.0 * first["nll_chosen"], rel=1e-4)
+    assert "nll_chosen" not in read_metrics_log(tmp_path / "dpo")[0]
+
+    pairs = good_bad_pairs()[:20]
+
+    def chosen_logp(model_id: str) -> float:
+        model, tok = load_lm(model_id)
+        p_ids, c_ids = encode_pairs(tok, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs], False)
+        with torch.no_grad():
+            return (
+                sequence_logprobs(model, build_batch(p_ids, c_ids, tok.pad_token_id, False, None))
+                .mean()
+                .item()
+            )
+
+    assert chosen_logp(str(tmp_path / "rpo")) > chosen_logp(str(tmp_path / "dpo"))
 
 
 def test_pair_weights_are_honoured(tiny_gpt2, tmp_path):
