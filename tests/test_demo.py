@@ -139,6 +139,13 @@ def test_demo_killed_midway_resumes_without_redoing_stages_and_shows_the_loop_wo
         assert m[name]["toxicity"] < base["toxicity"], name
         for flag in ("rate_toxic", "rate_harmful_compliance", "rate_myth_confirmed"):
             assert m[name][flag] <= base[flag], (name, flag)
+    # DPO (IPO on the same exported pairs) gets most of PPO's gold gain at a fraction of its KL.
+    # Issue 10's ">= 80% of PPO's" is measured in tests/dpo/world_acceptance.py (82-97% over the runs
+    # in docs/dpo.md, too close to 80% for a single demo to assert); half is far inside every run.
+    gain = {name: m[name]["gold_score"] - base["gold_score"] for name in ("ppo", "dpo")}
+    assert gain["dpo"] >= 0.5 * gain["ppo"], gain
+    assert m["dpo"]["kl_per_token"] < m["ppo"]["kl_per_token"]
+    assert m["dpo"]["f_rate"] <= base["f_rate"] + 0.02  # IPO stays fluent (sigmoid DPO x3 epochs: F 44%)
     export = json.loads((run / "export" / "metrics.json").read_text())
     from alignloop.world import default_panel
 

@@ -5,8 +5,9 @@
 1. The demo recipe up to PPO (``alignloop run recipes/demo.yaml``: world:base -> 4 completions for
    300 train prompts -> three simulated labellers -> consensus pairs -> reward model -> PPO with
    LoRA and the KL penalty). Finished stages are reused (``--resume``).
-2. DPO with LoRA on the SAME exported pairs (``DIR/export/pairs.jsonl``), default DPOConfig plus
-   ``--set`` overrides, snapshots kept for the curve.
+2. DPO with LoRA on the SAME exported pairs (``DIR/export/pairs.jsonl``), with the demo recipe's
+   ``dpo.config`` (IPO on summed log-probs, beta 0.25, 3 epochs) plus ``--set`` overrides, snapshots
+   kept for the curve (``--set loss_type=sigmoid ...`` to try others).
 3. ``alignloop evaluate`` of base, PPO and DPO on the world's eval prompts (never trained on):
    gold judge score, KL to the base per completion, with both runs' checkpoints on one
    gold-vs-sqrt(KL) plot in ``DIR/acceptance-eval/report.html``.
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "src" / "alignloop" / "recipes" / "demo.yaml"  # (ROOT/recipes may be a plain-file symlink)
 
 
 def alignloop(*args: str) -> None:
@@ -37,7 +39,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="/tmp/dpo-acceptance")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="DPO config override")
-    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--samples", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N eval prompts only")
     p.add_argument("--base", default="world:base", help="the world's base model (default: the shipped one)")
     p.add_argument("--toxicity", default="world:toxicity", help="the world's toxicity classifier")
@@ -52,7 +54,7 @@ def main() -> int:
     t = time.time()
     recipe_sets = [f"policy={a.base}", f"reward.train.model={a.base}", *a.recipe_set]
     if not a.reuse:
-        alignloop("run", ROOT / "recipes/demo.yaml", "--out", out, "--resume",
+        alignloop("run", RECIPE, "--out", out, "--resume",
                   "--set", "stages=[prompts, generate, label, export, reward, ppo]",
                   *[x for kv in recipe_sets for x in ("--set", kv)])  # fmt: skip
     pairs = out / "export" / "pairs.jsonl"
@@ -62,7 +64,11 @@ def main() -> int:
 
     t = time.time()
     dpo = out / "dpo-acceptance"
-    sets = [x for kv in ["snapshot_every=10", *a.overrides] for x in ("--set", kv)]
+    import yaml
+
+    recipe_dpo = (yaml.safe_load(RECIPE.read_text()).get("dpo") or {}).get("config") or {}
+    dpo_sets = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in recipe_dpo.items()]
+    sets = [x for kv in ["snapshot_every=10", *dpo_sets, *a.overrides] for x in ("--set", kv)]
     alignloop("dpo", "--policy", a.base, "--pairs", pairs, "--out", dpo, "--lora", "--resume", *sets)
     dpo_minutes = (time.time() - t) / 60
 
