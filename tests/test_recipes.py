@@ -118,3 +118,16 @@ def test_hh_rlhf_with_tiny_gpt2(tmp_path, tiny_gpt2, tiny_classifier):
     assert pairs[0]["prompt"].endswith("\n\nAssistant:") and pairs[0]["chosen"] == "a dog is a good cat ."
     assert (out / "reward" / "config.json").is_file()
     _report_ok(out, {"base", "ppo", "dpo"})
+
+
+def test_export_method_names_match_feedback_export(tmp_path):
+    """The recipe takes `alignloop feedback export --consensus` names; the old underscore spellings
+    still load; anything else is one clear error naming the allowed values."""
+    from alignloop.errors import UserError
+
+    demo = RECIPES / "demo.yaml"
+    assert load_recipe(demo, ["export.method=bradley-terry"]).export.method == "bradley-terry"
+    assert load_recipe(demo, ["export.method=bradley_terry"]).export.method == "bradley-terry"
+    assert load_recipe(demo, ["export.method=ranked_pairs"]).export.method == "tideman"
+    with pytest.raises(UserError, match="tideman"):
+        load_recipe(demo, ["export.method=borda"])

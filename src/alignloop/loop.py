@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from alignloop.config import Config, load_config
 from alignloop.dpo import DPOConfig
@@ -78,10 +78,17 @@ class ExportSection(Config):
     import_pairs: str | None = None
     import_split: str = "train"
     import_limit: int | None = None
-    method: Literal["majority", "ranked_pairs", "bradley_terry"] = "majority"
+    # the consensus of `alignloop feedback export --consensus` (ranked_pairs and bradley_terry are
+    # accepted as the old spellings of tideman and bradley-terry)
+    method: Literal["majority", "tideman", "bradley-terry", "none"] = "majority"
     exclude_flagged: bool = True
     soft_ties: bool = False
     keep_failed: bool = False
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _old_spellings(cls, v: Any) -> Any:
+        return {"ranked_pairs": "tideman", "bradley_terry": "bradley-terry"}.get(v, v)
 
 
 class RewardSection(Config):

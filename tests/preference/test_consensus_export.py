@@ -127,7 +127,13 @@ def test_export_trl_rows_and_grouped():
         R("old", "nope", a=1, b=2),
     ]
     rows, counts = export_pairs(_sets(), rs, "majority")
-    assert counts == {"sets": 1, "pairs": 3, "unknown_sets": 1, "unknown_completions": 0}
+    assert counts == {
+        "sets": 1,
+        "pairs": 3,
+        "unknown_sets": 1,
+        "unknown_completions": 0,
+        "empty_completions": 0,
+    }
     first = rows[0]
     assert first["prompt"] == "My house is too hot." and first["source"] == "alignloop:majority"
     assert {(r["chosen_id"], r["rejected_id"]): r["weight"] for r in rows} == {
@@ -161,3 +167,18 @@ def test_every_method_exports_preferred_first(method):
     got = {(r["chosen_id"], r["rejected_id"]) for r in rows}
     assert got == {("c2", "c1"), ("c2", "c3"), ("c1", "c3")}
     assert all(r["weight"] > 0.5 for r in rows)
+
+
+def test_an_empty_f_completion_kept_as_loser_is_skipped_and_counted():
+    """``keep_failed`` keeps F completions as losers; one that is empty (the model's EOS alone) would
+    make an unreadable pair (``Pair`` refuses empty text), so it is skipped and counted instead."""
+    s = CompletionSet(
+        prompt_id="s", prompt="what is a dog ?",
+        completions=[{"id": "a", "text": "a dog is an animal ."}, {"id": "b", "text": ""},
+                     {"id": "c", "text": "a dog is a plant ."}],
+    )  # fmt: skip
+    rs = [R("x", a=1, b="F", c=2), R("y", a=1, b="F", c=2)]
+    rows, counts = export_pairs([s], rs, keep_failed=True)
+    assert [(r["chosen_id"], r["rejected_id"]) for r in rows] == [("a", "c")]
+    assert counts["empty_completions"] == 2 and counts["pairs"] == 1
+    assert all(Pair(**{k: r[k] for k in ("prompt", "chosen", "rejected")}) for r in rows)

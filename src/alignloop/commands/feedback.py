@@ -191,6 +191,11 @@ def _export(args: argparse.Namespace) -> int:
             f"{counts['unknown_completions']} pairs with unknown completion ids",
             file=sys.stderr,
         )
+    if counts["empty_completions"]:
+        print(
+            f"alignloop: warning: skipped {counts['empty_completions']} pairs with an empty completion",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -141,14 +141,16 @@ def export_pairs(
     Rankings by ``exclude_labellers`` are left out before the consensus. Only each labeller's
     latest ranking of a set counts. Returns ``(rows, counts)`` where ``counts`` has
     ``sets`` (sets that gave pairs), ``pairs``, ``unknown_sets`` (rankings whose set is not
-    in ``sets``: skipped) and ``unknown_completions`` (ids a set does not have: skipped).
+    in ``sets``: skipped), ``unknown_completions`` (ids a set does not have: skipped) and
+    ``empty_completions`` (pairs with an empty text, e.g. an F-marked completion that was only EOS,
+    kept as a loser by ``keep_failed``: skipped).
     """
     by_id = {s.set_id: s for s in sets}
     by_set: dict[str, list[Ranking]] = defaultdict(list)
     for r in latest_rankings(rankings):
         if r.labeller not in exclude_labellers:
             by_set[r.set_id].append(r)
-    counts = {"sets": 0, "pairs": 0, "unknown_sets": 0, "unknown_completions": 0}
+    counts = {"sets": 0, "pairs": 0, "unknown_sets": 0, "unknown_completions": 0, "empty_completions": 0}
     rows: list[dict[str, Any]] = []
     source = f"alignloop:{method}"
     for set_id, rs in by_set.items():
@@ -161,6 +163,9 @@ def export_pairs(
         for p in set_pairs(rs, method, soft_ties=soft_ties, keep_failed=keep_failed):
             if p["chosen"] not in text or p["rejected"] not in text:
                 counts["unknown_completions"] += 1
+                continue
+            if not text[p["chosen"]].strip() or not text[p["rejected"]].strip():
+                counts["empty_completions"] += 1  # nothing to learn; pair readers refuse them
                 continue
             row: dict[str, Any] = {
                 "prompt": s.prompt,
