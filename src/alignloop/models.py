@@ -41,6 +41,7 @@ A seq2seq batch has the prompt as encoder input (right-padded) and the decoder i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -568,11 +569,14 @@ def forward_batch(
     batch: Batch,
     value_head: nn.Module | None = None,
     temperature: float = 1.0,
+    entropy_grad: bool = True,
 ) -> PolicyOutput:
     """Per-response-token log-probs, entropy and (with ``value_head``) values, in ONE forward.
 
     ``temperature`` divides the logits first (use the sampling temperature so the log-probs
-    are those of the distribution the responses were drawn from).
+    are those of the distribution the responses were drawn from). ``entropy_grad=False`` gives the
+    entropy without a graph (for logging when no loss term uses it): its softmax over the whole
+    vocabulary is then not kept for the backward pass (for GPT-2, 200 KB a response token).
     """
     logits, hidden = _trunk_forward(model, batch, need_hidden=value_head is not None)
     if temperature != 1.0:
@@ -580,7 +584,9 @@ def forward_batch(
     values = None
     if value_head is not None:
         values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
-    return PolicyOutput(logprobs_from_logits(logits, batch.response_ids), entropy_from_logits(logits), values)
+    with contextlib.nullcontext() if entropy_grad else torch.no_grad():
+        entropy = entropy_from_logits(logits)
+    return PolicyOutput(logprobs_from_logits(logits, batch.response_ids), entropy, values)
 
 
 def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0) -> Tensor:

@@ -234,3 +234,21 @@ def test_fused_gelu_is_the_same_function_and_the_saved_model_is_unchanged(tiny_g
         )
     )
     assert models.fuse_activations(t5) == 2  # FLAN-T5's gated GELU: one in the encoder, one in the decoder
+
+
+def test_entropy_without_a_graph_when_no_loss_uses_it(tiny_gpt2):
+    """PPO's entropy bonus is 0 by default: then the entropy is logged without keeping its
+    vocabulary-wide softmax for the backward pass; its value is the same either way."""
+    policy = load_policy(tiny_gpt2, lora=LoraSettings(r=4))
+    _perturb_lora(policy.model)
+    batch = _batch(policy)
+    kept = models.forward_batch(policy.model, batch, policy.value_head)
+    logged = models.forward_batch(policy.model, batch, policy.value_head, entropy_grad=False)
+    assert kept.entropy.requires_grad and not logged.entropy.requires_grad
+    assert torch.equal(kept.entropy, logged.entropy) and logged.logprobs.requires_grad
+    kept.entropy.sum().backward()  # with the graph, the bonus reaches the adapter
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for n, p in policy.model.named_parameters()
+        if "lora" in n
+    )

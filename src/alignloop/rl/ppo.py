@@ -669,7 +669,10 @@ def run_ppo(
                         mb, mmask = batch.select(i), mask[i]
                         last_micro = a == cfg.grad_accum - 1
                         with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
-                            new = forward_batch(model, mb, policy.value_head, cfg.sampling.temperature)
+                            new = forward_batch(
+                                model, mb, policy.value_head, cfg.sampling.temperature,
+                                entropy_grad=cfg.ent_coef != 0,  # else logged only: no graph kept
+                            )  # fmt: skip
                             pg, clip_frac = policy_loss(
                                 new.logprobs, old_logprobs[i], advantages[i], mmask, cfg.clip_eps
                             )
