@@ -64,3 +64,31 @@ def test_cli_prompts_and_errors(cli, tmp_path):
     assert code == 2 and "no base model" in err
     code, out_, _ = cli("world", "build", "--help")
     assert code == 0 and "example:" in out_
+
+
+def test_causal_loss_weighs_tokens_alike_in_any_batch():
+    """With a constant norm a batch's loss is the sum of its examples' losses, so a short example
+    counts the same in a batch of short examples as next to long ones (the per-batch mean tilted the
+    base model toward short responses)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from alignloop.world.train import PAD, _pad, causal_loss
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_positions=32, n_embd=16, n_layer=1, n_head=2)).eval()
+    short, long_ = [5, 6, 7], [5, 8, 9, 10, 11, 12, 13, 14]
+    w_short, w_long = [0.0, 0.0, 1.0], [0.0, 0.0] + [1.0] * 6
+
+    def batch(seqs, ws):
+        return {"input_ids": _pad(seqs, PAD), "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
+                "weights": _pad(ws, 0.0).float()}  # fmt: skip
+
+    with torch.no_grad():
+        alone = causal_loss(model, batch([short], [w_short]), norm=4.0)
+        other = causal_loss(model, batch([long_], [w_long]), norm=4.0)
+        both = causal_loss(model, batch([short, long_], [w_short, w_long]), norm=4.0)
+        assert torch.allclose(both, alone + other, atol=1e-5)
+        # the per-batch mean (norm=None) gives the short example 1/7 of its weight alone
+        mean_both = causal_loss(model, batch([short, long_], [w_short, w_long]))
+        assert not torch.allclose(mean_both, (alone + other) / 2, atol=1e-3)

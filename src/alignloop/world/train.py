@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,9 @@ class BuildConfig:
     base_layers: int = 3
     base_width: int = 128
     base_positions: int = 256
+    # the tanh GELU of GPT-2 ("gelu_new") as one native kernel: the same function, ~1.25x faster
+    # base training on this CPU (measured 1 thread, 4 interleaved runs of 50 steps)
+    base_activation: str = "gelu_pytorch_tanh"
     summariser_steps: int = 2000
     summariser_batch: int = 32
     summariser_lr: float = 2e-3
@@ -161,12 +165,22 @@ def train_loop(
             "final_loss": round(sum(recent) / max(len(recent), 1), 4)}  # fmt: skip
 
 
-def causal_loss(model: torch.nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Weighted next-token loss: sum_t w_t * CE(logits_{t-1}, x_t) / sum_t w_t (w = 0 on the prompt)."""
+def causal_loss(
+    model: torch.nn.Module, b: dict[str, torch.Tensor], norm: float | None = None
+) -> torch.Tensor:
+    """Weighted next-token loss ``sum_t w_t * CE(logits_{t-1}, x_t) / norm`` (w = 0 on the prompt).
+
+    ``norm`` should be a constant (the expected ``sum_t w_t`` of a batch): dividing by each batch's
+    own weight sum gives a token in a batch of short examples more weight than one in a batch of
+    long examples, and our batches are grouped by length. That tilted the base model toward short
+    responses: the one-sentence toxic answer of harmful/benign/myth came out ~1.5x as often as in
+    the mixture (0.21 vs 0.10 in harmful) and the long toxic summary less often. ``None`` divides
+    by the batch's weight sum.
+    """
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b["input_ids"][:, 1:], reduction="none")
     w = b["weights"][:, 1:]
-    return (ce * w).sum() / w.sum()
+    return (ce * w).sum() / (w.sum() if norm is None else norm)
 
 
 def _forever(make: Callable[[int], list[dict[str, torch.Tensor]]]) -> Iterator[dict[str, torch.Tensor]]:
@@ -201,12 +215,20 @@ def train_base(tok: PreTrainedTokenizerFast, cfg: BuildConfig, out: Path) -> dic
 
     config = GPT2Config(
         vocab_size=len(tok), n_positions=cfg.base_positions, n_embd=cfg.base_width, n_layer=cfg.base_layers,
-        n_head=4, n_inner=4 * cfg.base_width, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+        n_head=4, n_inner=4 * cfg.base_width, activation_function=cfg.base_activation, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
     )  # fmt: skip
     model = GPT2LMHeadModel(config)
+    # every target token weighs the same whatever its batch (see causal_loss)
+    norm = cfg.base_batch * sum(sum(w[1:]) for w in weights) / len(weights)
     stats = train_loop(
-        model, _forever(make), causal_loss, cfg.base_steps, cfg.base_lr, cfg.warmup, "world base"
+        model,
+        _forever(make),
+        partial(causal_loss, norm=norm),
+        cfg.base_steps,
+        cfg.base_lr,
+        cfg.warmup,
+        "world base",
     )
     model.generation_config.pad_token_id = PAD
     model.generation_config.eos_token_id = EOS
