@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
+from alignloop.checkpoints import verify_folder, write_folder
 from alignloop.config import Config
 from alignloop.errors import UserError
 from alignloop.models import (
@@ -61,7 +62,7 @@ from alignloop.models import (
     token_logprobs,
 )
 from alignloop.records import Pair, read
-from alignloop.runs import StageRun, progress, say, stage_guard, start_stage, write_json_atomic
+from alignloop.runs import StageRun, progress, say, stage_guard, start_stage
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -542,22 +543,14 @@ def save_checkpoint(folder: Path, step: int, model: Any, optimizer: Any, fingerp
 
     root = folder / CHECKPOINTS
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
-    write_json_atomic(tmp / "state.json", {"step": step, "fingerprint": fingerprint, "files": files})
-    for f in tmp.iterdir():  # on disk before the rename makes them the checkpoint
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+
+    def write(tmp: Path) -> None:
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+
+    write_folder(final, write, {"step": step, "fingerprint": fingerprint})
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -576,29 +569,9 @@ def save_snapshot(folder: Path, model: Any, tokenizer: Any) -> Path:
     return folder
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_checkpoint(ckpt: Path) -> None:
-    """Raise ``ValueError`` saying what is wrong when a checkpoint folder is damaged: ``state.json``
-    unreadable, or a file it lists missing, of another size (truncated) or another SHA-256."""
-    try:
-        state = json.loads((ckpt / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"state.json unreadable ({e})") from None
-    for name, want in state.get("files", {}).items():
-        f = ckpt / name
-        if not f.is_file():
-            raise ValueError(f"{name} is missing")
-        if f.stat().st_size != want["bytes"]:
-            raise ValueError(f"{name} has {f.stat().st_size} bytes, {want['bytes']} were written (truncated)")
-        if _sha256(f) != want["sha256"]:
-            raise ValueError(f"{name} does not match the SHA-256 recorded when it was written")
+    """Raise ``ValueError`` saying what is wrong when a checkpoint folder is damaged."""
+    verify_folder(ckpt)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

@@ -20,12 +20,11 @@ The algorithm, top to bottom (:func:`train_reward_model`):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +32,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from alignloop.checkpoints import verify_folder, write_folder
 from alignloop.config import Config
 from alignloop.distributed import (
     all_reduce_sum,
@@ -316,35 +316,6 @@ def normalize_head(model: nn.Module, mean: float, std: float, scale: bool) -> fl
 CHECKPOINTS = "checkpoints"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_folder(final: Path, write: Callable[[Path], None], info: dict[str, Any]) -> None:
-    """Call ``write(tmp)`` on a fresh hidden folder, record each file's size and SHA-256 in its
-    ``state.json`` (with ``info``), fsync everything and rename it to ``final``."""
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
-    write_json_atomic(tmp / "state.json", {**info, "files": files})
-    for f in tmp.iterdir():  # on disk before the rename makes them the checkpoint
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself
-    finally:
-        os.close(fd)
-
-
 def _save_weights(folder: Path, weights: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
@@ -358,7 +329,7 @@ def _best_name(epoch: int) -> str:
 
 def _save_best(root: Path, epoch: int, weights: dict[str, torch.Tensor]) -> None:
     """``root/best-<epoch>``: the weights of the best epoch so far."""
-    _write_folder(root / _best_name(epoch), lambda d: _save_weights(d, weights), {"epoch": epoch})
+    write_folder(root / _best_name(epoch), lambda d: _save_weights(d, weights), {"epoch": epoch})
 
 
 def _save_checkpoint(
@@ -385,7 +356,7 @@ def _save_checkpoint(
         )
 
     final = root / f"step-{state['step']:08d}"
-    _write_folder(final, write, state)
+    write_folder(final, write, state)
     kept = sorted(root.glob("step-*"))
     for old in kept[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -402,25 +373,6 @@ def _save_checkpoint(
     return final
 
 
-def _verify(folder: Path) -> dict[str, Any]:
-    """``folder``'s ``state.json``, after checking every file it lists: raises ``ValueError`` saying what
-    is wrong when ``state.json`` is unreadable or a file is missing, truncated or altered."""
-    try:
-        info = json.loads((folder / "state.json").read_text())
-        files = info["files"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"state.json unreadable ({type(e).__name__}: {e})") from None
-    for name, want in files.items():
-        f = folder / name
-        if not f.is_file():
-            raise ValueError(f"{name} is missing")
-        if f.stat().st_size != want["bytes"]:
-            raise ValueError(f"{name} has {f.stat().st_size} bytes, {want['bytes']} were written (truncated)")
-        if _sha256(f) != want["sha256"]:
-            raise ValueError(f"{name} does not match the SHA-256 recorded when it was written")
-    return info
-
-
 def latest_checkpoint(root: Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest intact checkpoint in ``root`` and its ``state.json`` (None when there is none at all).
 
@@ -431,10 +383,10 @@ def latest_checkpoint(root: Path) -> tuple[Path, dict[str, Any]] | None:
     problems = []
     for ckpt in found:
         try:
-            info = _verify(ckpt)
+            info = verify_folder(ckpt)
             if info.get("best"):
                 try:
-                    _verify(root / info["best"])
+                    verify_folder(root / info["best"])
                 except ValueError as e:
                     raise ValueError(f"its best epoch's weights {info['best']}: {e}") from None
             return ckpt, info

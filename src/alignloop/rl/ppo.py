@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from alignloop.checkpoints import file_sha256
 from alignloop.config import Config, load_config
 from alignloop.errors import UserError
 from alignloop.generation import SamplingSettings
@@ -258,14 +259,6 @@ def _trainable(policy: Any) -> dict[str, torch.nn.Parameter]:
     return params
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_checkpoint(
     out: Path, policy: Any, optimizer: Any, scheduler: Any, state: dict[str, Any], keep: int = 2
 ) -> Path:
@@ -295,7 +288,7 @@ def save_checkpoint(
     info.update(
         {
             "state_pt_bytes": (tmp / "state.pt").stat().st_size,
-            "state_pt_sha256": _file_sha256(tmp / "state.pt"),
+            "state_pt_sha256": file_sha256(tmp / "state.pt"),
         }
     )
     (tmp / "state.json").write_text(json.dumps(info, indent=2))
@@ -322,7 +315,7 @@ def read_checkpoint(folder: Path) -> dict[str, Any]:
     size = pt.stat().st_size
     if size != info.get("state_pt_bytes"):
         raise ValueError(f"state.pt has {size} bytes, {info.get('state_pt_bytes')} were written (truncated)")
-    if _file_sha256(pt) != info.get("state_pt_sha256"):
+    if file_sha256(pt) != info.get("state_pt_sha256"):
         raise ValueError("state.pt does not match the SHA-256 recorded when it was written")
     try:
         return torch.load(pt, weights_only=False, map_location="cpu")

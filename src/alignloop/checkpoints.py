@@ -1,0 +1,64 @@
+"""Checkpoint folders that are either whole or detectably damaged (shared by the trainers).
+
+A checkpoint is written into a hidden temporary folder, every file's size and SHA-256 go into its
+``state.json``, everything is fsynced, and one rename makes it the checkpoint: a kill leaves either
+the old folder or the new one, never half of one. On ``--resume`` :func:`verify_folder` re-reads the
+sizes and hashes, so a file truncated or altered afterwards (a full disk, a copy cut short) is found
+and the trainer falls back to the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from alignloop.runs import write_json_atomic
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_folder(final: Path, write: Callable[[Path], None], info: dict[str, Any]) -> None:
+    """Call ``write(tmp)`` on a fresh hidden folder, record each file's size and SHA-256 in its
+    ``state.json`` (with ``info``), fsync everything and rename it to ``final``."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in sorted(tmp.iterdir())}
+    write_json_atomic(tmp / "state.json", {**info, "files": files})
+    for f in tmp.iterdir():  # on disk before the rename makes them the checkpoint
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def verify_folder(folder: Path) -> dict[str, Any]:
+    """``folder``'s ``state.json``, after checking every file it lists: raises ``ValueError`` saying what
+    is wrong when ``state.json`` is unreadable or a file is missing, truncated or altered."""
+    try:
+        info = json.loads((folder / "state.json").read_text())
+        files = info["files"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"state.json unreadable ({type(e).__name__}: {e})") from None
+    for name, want in files.items():
+        f = folder / name
+        if not f.is_file():
+            raise ValueError(f"{name} is missing")
+        if f.stat().st_size != want["bytes"]:
+            raise ValueError(f"{name} has {f.stat().st_size} bytes, {want['bytes']} were written (truncated)")
+        if file_sha256(f) != want["sha256"]:
+            raise ValueError(f"{name} does not match the SHA-256 recorded when it was written")
+    return info
