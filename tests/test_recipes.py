@@ -56,7 +56,10 @@ def _report_ok(out: Path, policies: set[str]) -> dict:
 
 
 def test_lab3_flan_t5_detox_with_tiny_t5(tmp_path, tiny_t5, tiny_classifier):
-    rows = [{"id": f"train_{i}", "dialogue": d, "summary": "person wants a fan .", "topic": "t"} for i, d in enumerate(DIALOGUES)]
+    rows = [
+        {"id": f"train_{i}", "dialogue": d, "summary": "person wants a fan .", "topic": "t"}
+        for i, d in enumerate(DIALOGUES)
+    ]
     train = _jsonl(tmp_path / "dialogsum-train.jsonl", rows)
     test = _jsonl(tmp_path / "dialogsum-test.jsonl", rows[:3])
     out = tmp_path / "run"

@@ -15,9 +15,12 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from alignloop.runs import write_json_atomic
+from alignloop.errors import UserError
+from alignloop.runs import say, write_json_atomic
+
+T = TypeVar("T")
 
 
 def file_sha256(path: Path) -> str:
@@ -62,3 +65,29 @@ def verify_folder(folder: Path) -> dict[str, Any]:
         if file_sha256(f) != want["sha256"]:
             raise ValueError(f"{name} does not match the SHA-256 recorded when it was written")
     return info
+
+
+def newest_intact(root: Path, check: Callable[[Path], T], trainer: str) -> tuple[Path, T] | None:
+    """The newest ``root/step-*`` folder that ``check`` accepts, with what ``check`` returned.
+
+    ``check`` raises ``ValueError`` saying what is wrong with a damaged folder: that one is reported
+    (``[trainer] warning: ... falling back to the previous one``) and the one before it is tried.
+    None when there is no checkpoint at all; a :class:`UserError` when every one is damaged.
+    """
+    found = sorted(root.glob("step-*"), reverse=True)
+    problems = []
+    for folder in found:
+        try:
+            return folder, check(folder)
+        except ValueError as e:
+            problems.append(f"{folder.name}: {e}")
+            say(
+                f"[{trainer}] warning: checkpoint {folder} is damaged ({e}); falling back to the previous one"
+            )
+    if found:
+        raise UserError(
+            "every checkpoint is damaged (" + "; ".join(problems) + ")",
+            str(root),
+            "run without --resume to start over",
+        )
+    return None

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from alignloop.checkpoints import verify_folder, write_folder
+from alignloop.checkpoints import newest_intact, verify_folder, write_folder
 from alignloop.config import Config
 from alignloop.errors import UserError
 from alignloop.models import (
@@ -576,22 +576,8 @@ def verify_checkpoint(ckpt: Path) -> None:
 
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest intact checkpoint; a damaged one is reported and the previous one used instead."""
-    found = sorted((folder / CHECKPOINTS).glob("step-*"), reverse=True)
-    problems = []
-    for ckpt in found:
-        try:
-            verify_checkpoint(ckpt)
-            return ckpt
-        except ValueError as e:
-            problems.append(f"{ckpt.name}: {e}")
-            say(f"[dpo] warning: checkpoint {ckpt} is damaged ({e}); falling back to the previous one")
-    if found:
-        raise UserError(
-            "every checkpoint is damaged (" + "; ".join(problems) + ")",
-            str(folder / CHECKPOINTS),
-            "run without --resume to start over",
-        )
-    return None
+    hit = newest_intact(folder / CHECKPOINTS, verify_checkpoint, "dpo")
+    return hit[0] if hit else None
 
 
 def load_checkpoint(ckpt: Path, model: Any, optimizer: Any, fingerprint: str) -> int:

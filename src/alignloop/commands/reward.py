@@ -35,7 +35,11 @@ def register(sub) -> None:
     t.add_argument("--epochs", type=int, help="maximum epochs (early stop on held-out accuracy)")
     t.add_argument("--lr", type=float, help="learning rate")
     t.add_argument("--skip-bad", action="store_true", help="count and skip malformed pair lines")
-    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint (a damaged one falls back to the previous)")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last checkpoint (a damaged one falls back to the previous)",
+    )
     add_config_args(t)
 
     s = command(

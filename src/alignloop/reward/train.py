@@ -32,7 +32,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from alignloop.checkpoints import verify_folder, write_folder
+from alignloop.checkpoints import newest_intact, verify_folder, write_folder
 from alignloop.config import Config
 from alignloop.distributed import (
     all_reduce_sum,
@@ -379,27 +379,17 @@ def latest_checkpoint(root: Path) -> tuple[Path, dict[str, Any]] | None:
     A damaged one (a file truncated or altered, or its best-epoch weights damaged) is reported and
     the previous one used; when every checkpoint is damaged: a :class:`UserError`.
     """
-    found = sorted(root.glob("step-*"), reverse=True)
-    problems = []
-    for ckpt in found:
-        try:
-            info = verify_folder(ckpt)
-            if info.get("best"):
-                try:
-                    verify_folder(root / info["best"])
-                except ValueError as e:
-                    raise ValueError(f"its best epoch's weights {info['best']}: {e}") from None
-            return ckpt, info
-        except ValueError as e:
-            problems.append(f"{ckpt.name}: {e}")
-            say(f"[reward] warning: checkpoint {ckpt} is damaged ({e}); falling back to the previous one")
-    if found:
-        raise UserError(
-            "every checkpoint is damaged (" + "; ".join(problems) + ")",
-            str(root),
-            "run without --resume to start over",
-        )
-    return None
+
+    def check(ckpt: Path) -> dict[str, Any]:
+        info = verify_folder(ckpt)
+        if info.get("best"):
+            try:
+                verify_folder(root / info["best"])
+            except ValueError as e:
+                raise ValueError(f"its best epoch's weights {info['best']}: {e}") from None
+        return info
+
+    return newest_intact(root, check, "reward")
 
 
 def _load_checkpoint(ckpt: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> None:

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from alignloop.checkpoints import file_sha256
+from alignloop.checkpoints import file_sha256, newest_intact
 from alignloop.config import Config, load_config
 from alignloop.errors import UserError
 from alignloop.generation import SamplingSettings
@@ -326,23 +326,10 @@ def read_checkpoint(folder: Path) -> dict[str, Any]:
 def load_checkpoint(out: Path, policy: Any, optimizer: Any, scheduler: Any) -> dict[str, Any] | None:
     """Restore the newest intact checkpoint of ``out`` (falling back to an older one, with a warning, when
     the newest is damaged); return its loop state, or None when there is no checkpoint at all."""
-    folders = sorted((out / CHECKPOINTS).glob("step-*"), reverse=True)
-    if not folders:
+    hit = newest_intact(out / CHECKPOINTS, read_checkpoint, "ppo")
+    if hit is None:
         return None
-    ck, problems = None, []
-    for folder in folders:
-        try:
-            ck = read_checkpoint(folder)
-            break
-        except ValueError as e:
-            problems.append(f"{folder.name}: {e}")
-            say(f"[ppo] warning: checkpoint {folder} is damaged ({e}); falling back to the previous one")
-    if ck is None:
-        raise UserError(
-            "every checkpoint is damaged (" + "; ".join(problems) + ")",
-            str(out / CHECKPOINTS),
-            "run without --resume to start over",
-        )
+    folder, ck = hit
     params = _trainable(policy)
     if set(params) != set(ck["trainable"]):
         raise UserError(
