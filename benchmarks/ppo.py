@@ -246,6 +246,7 @@ def side_lora_memory(folder: Path, a: argparse.Namespace, lora: bool) -> list[fl
         batch_size=8,
         minibatch_size=8,
         grad_accum=a.grad_accum,
+        gradient_checkpointing=a.gradient_checkpointing,
         ppo_epochs=1,
         checkpoint_every=10_000,
         sampling={"max_new_tokens": 32, "stop_at_eos": False},
@@ -297,6 +298,11 @@ def main() -> None:
         help="instead: peak memory of a GPT-2-small-sized PPO step, LoRA (adapter-disabled reference) vs full copy",
     )
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per minibatch (--lora-memory)")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="both sides recompute layer activations in the backward pass (--lora-memory)",
+    )
     p.add_argument("--side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -330,6 +336,8 @@ def main() -> None:
                     "grad_accum",
                 ):
                     args += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+                if a.gradient_checkpointing:
+                    args.append("--gradient-checkpointing")
                 proc = subprocess.run(args, capture_output=True, text=True)
                 if proc.returncode:
                     sys.exit(f"side {s} failed:\n{proc.stderr[-3000:]}")
@@ -341,7 +349,8 @@ def main() -> None:
     if a.lora_memory:
         peak = {s: statistics.median(x["peak_mb"] for x in results[s]) for s in sides}
         print(
-            f"PPO step, GPT-2-small-sized (124M, random init), batch 8 ({a.grad_accum} micro-batches), 64+32 tokens: peak RSS"
+            f"PPO step, GPT-2-small-sized (124M, random init), batch 8 ({a.grad_accum} micro-batches"
+            f"{', gradient checkpointing' if a.gradient_checkpointing else ''}), 64+32 tokens: peak RSS"
         )
         print(f"  LoRA, reference = adapter disabled: {peak['lora']:.0f} MB")
         print(f"  full fine-tuning + frozen copy:     {peak['full']:.0f} MB")

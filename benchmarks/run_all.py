@@ -87,8 +87,8 @@ def read_lora(out: str) -> list[Row]:
     r = _num(r"ratio ([\d.]+)x", out, "LoRA / full peak RSS ratio")
     lora = _num(r"LoRA, reference = adapter disabled:\s+(\d+) MB", out, "LoRA peak")
     full = _num(r"full fine-tuning \+ frozen copy:\s+(\d+) MB", out, "full peak")
-    micro = re.search(r"batch 8 \((\d+) micro-batches\)", out)
-    how = f", {micro.group(1)} micro-batch(es)" if micro else ""
+    micro = re.search(r"batch 8 \((\d+) micro-batches(, gradient checkpointing)?\)", out)
+    how = f", {micro.group(1)} micro-batch(es){micro.group(2) or ''}" if micro else ""
     return [
         Row(
             f"PPO peak memory, LoRA / full copy (124M{how})",
@@ -225,8 +225,16 @@ BENCHES = [
             "activations: LoRA on every linear layer needs the same layer inputs kept for the backward "
             "pass as full fine-tuning (the LoRA peak is 0.86 GB higher at 1 micro-batch than at 4 here), so "
             "it does not shrink them. Micro-batches of 2 (`grad_accum=4`, the same update) "
-            "bring the ratio under 0.55x: the row above.",
+            "bring the ratio under 0.55x: the row above; so does `gradient_checkpointing=true`: the row below.",
         },
+    ),
+    Bench(
+        "ppo-lora-memory-1-gc",
+        lambda a: (
+            "benchmarks/ppo.py --lora-memory --rounds 1 --grad-accum 1 --gradient-checkpointing".split()
+        ),
+        lambda a: [],
+        read_lora,
     ),
     Bench(
         "reward",

@@ -55,6 +55,7 @@ from alignloop.models import (
     LoraSettings,
     Policy,
     context_length,
+    enable_gradient_checkpointing,
     encode_pairs,
     load_policy,
     logprobs_from_logits,
@@ -244,6 +245,7 @@ class DPOConfig(Config):
     max_grad_norm: float | None = 1.0
     batch_size: int = Field(16, ge=1)  # pairs per optimizer step, over all processes
     micro_batch_size: int | None = Field(None, ge=1)  # pairs per forward on one process
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)  # overrides epochs
     heldout_fraction: float = Field(0.1, ge=0, lt=1)  # of the prompts (a prompt's pairs stay together)
@@ -386,7 +388,8 @@ def _shared_prompt_logits(model: Any, batch: Batch, B: int) -> Tensor:
 
 
 def _share(model: Any, cfg: DPOConfig) -> bool:
-    return cfg.share_prompt and supports_shared_prompt(model)
+    # the shared prompt runs on a KV cache, which gradient checkpointing turns off
+    return cfg.share_prompt and not cfg.gradient_checkpointing and supports_shared_prompt(model)
 
 
 def supports_shared_prompt(model: Any) -> bool:
@@ -726,6 +729,8 @@ def _train(
         )
     on_the_fly = cfg.reference == "on_the_fly"
     policy = load_policy(policy_id, lora=cfg.lora, value_head=False, device=device, reference=on_the_fly)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(policy.model)
     train = tokenize_pairs(
         train_pairs, policy.tokenizer, policy.is_seq2seq, cfg, context_length(policy.model)
     )

@@ -322,6 +322,31 @@ def disable_dropout(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+        # attention dropout applied as a float (``dropout=self.dropout if self.training``: T5, Llama, ...)
+        for name in _DROPOUT_FLOATS:
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+
+
+_DROPOUT_FLOATS = ("dropout", "attention_dropout", "attn_dropout", "dropout_p", "dropout_rate")
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing: each layer's activations are recomputed in the backward pass
+    instead of kept from the forward. Peak memory falls by most of the activations (for the whole
+    batch at once, the largest part of a LoRA run's peak), an update costs about one more forward.
+    The gradients are the same. Transformers applies it only while the model is in training mode."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise UserError(
+            f"{type(base).__name__} does not support gradient checkpointing",
+            fix="set gradient_checkpointing=false (or use smaller micro-batches: grad_accum)",
+        )
+    kwargs = {"use_reentrant": False}  # no need for inputs that require grad (LoRA's frozen embeddings)
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -235,3 +235,18 @@ def test_cli_runs_and_reports_user_errors(cli, tiny_gpt2, pairs_file, tmp_path):
     assert "identical" in one_line_error("--pairs", same)
     code, out, _ = cli("dpo", "--help")
     assert code == 0 and "example:" in out and "--lora" in out
+
+
+@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_t5"])
+def test_gradient_checkpointing_gives_the_same_run(model, request, pairs_file, tmp_path):
+    """gradient_checkpointing trades time for memory only: the same losses step by step."""
+    path = request.getfixturevalue(model)
+    common = dict(max_steps=4, learning_rate=5e-3, batch_size=8, lora=LoraSettings(r=4), heldout_fraction=0.2)
+    train_dpo(path, pairs_file, tmp_path / "off", DPOConfig(**common))
+    train_dpo(path, pairs_file, tmp_path / "on", DPOConfig(**common, gradient_checkpointing=True))
+    off, on = read_metrics_log(tmp_path / "off"), read_metrics_log(tmp_path / "on")
+    assert len(off) == len(on) == 4
+    for a, b in zip(off, on, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["rewards/margin"] == pytest.approx(a["rewards/margin"], abs=1e-4)
+    assert off[-1]["rewards/margin"] != off[0]["rewards/margin"]  # it trained

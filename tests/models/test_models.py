@@ -252,3 +252,65 @@ def test_entropy_without_a_graph_when_no_loss_uses_it(tiny_gpt2):
         for n, p in policy.model.named_parameters()
         if "lora" in n
     )
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(tiny_gpt2, tiny_t5):
+    """Checkpointing runs each layer's forward again in the backward pass (counted) and the gradients are
+    those without it; a model that cannot do it is one clear error."""
+    from alignloop.models import enable_gradient_checkpointing, forward_batch
+
+    for model_id in (tiny_gpt2, tiny_t5):
+        grads, calls = [], []
+        for checkpointing in (False, True):
+            torch.manual_seed(0)
+            policy = load_policy(model_id, lora=LoraSettings(r=4), reference=False)
+            if checkpointing:
+                enable_gradient_checkpointing(policy.model)
+            policy.model.train()
+            tok = policy.tokenizer
+            prompts = [tok("the dog is").input_ids, tok("my house is too hot").input_ids]
+            responses = [tok(" good and kind").input_ids, tok(" open a window").input_ids]
+            batch = policy.batch(prompts, responses)
+            layers = [m for n, m in policy.model.named_modules() if n.endswith(("h.0", "block.0"))]
+            # calls of the first layer's feed-forward (a layer's own hooks stay outside the checkpoint; a
+            # pre-hook because the recompute stops as soon as the last tensor the backward needs exists)
+            count = [0]
+            ffn = [m for n, m in layers[0].named_modules() if n.endswith(("mlp", "DenseReluDense"))]
+            ffn[0].register_forward_pre_hook(lambda *_, c=count: c.__setitem__(0, c[0] + 1))
+            out = forward_batch(policy.model, batch, policy.value_head)
+            (out.logprobs * batch.response_mask).sum().neg().backward()
+            calls.append(count[0])
+            grads.append(
+                {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+            )
+        assert calls[0] > 0 and calls[1] == calls[0] * 2, (
+            model_id,
+            calls,
+        )  # the layer ran again in the backward pass
+        assert grads[0].keys() == grads[1].keys() and grads[0]
+        for name, g in grads[0].items():
+            torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-5)
+    with pytest.raises(UserError, match="does not support gradient checkpointing"):
+        enable_gradient_checkpointing(torch.nn.Linear(2, 2))
+
+
+def test_no_dropout_means_training_mode_changes_nothing(tiny_gpt2, tiny_t5):
+    """``disable_dropout`` reaches the attention dropout that models apply as a float (T5:
+    ``dropout=self.dropout if self.training``), not only nn.Dropout modules: in training mode the
+    log-probs are those of eval mode (DPO, SFT and reward training run in training mode)."""
+    from alignloop.models import forward_batch
+
+    for model_id in (tiny_gpt2, tiny_t5):
+        policy = load_policy(model_id, lora=LoraSettings(r=4), reference=False)
+        tok = policy.tokenizer
+        batch = policy.batch(
+            [tok("the dog is").input_ids, tok("my house is too hot").input_ids],
+            [tok(" good and kind").input_ids, tok(" open a window").input_ids],
+        )
+        with torch.no_grad():
+            policy.model.eval()
+            ev = forward_batch(policy.model, batch).logprobs
+            policy.model.train()
+            tr = [forward_batch(policy.model, batch).logprobs for _ in range(3)]
+        for t in tr:
+            torch.testing.assert_close(t, ev, rtol=0, atol=1e-5)

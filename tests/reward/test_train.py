@@ -203,3 +203,23 @@ def test_seq2seq_reward_model(tiny_t5, tmp_path):
     assert metrics["epochs_run"] == 1 and metrics["train_pairs"] > 0
     reward = load_reward(str(tmp_path / "rm"))
     assert len(reward(["how ?", "why ?"], ["the dog is good", "garbage"])) == 2
+
+
+@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_t5"])
+def test_gradient_checkpointing_gives_the_same_model(model, request, tmp_path):
+    """gradient_checkpointing trades time for memory only: the same weights after an epoch."""
+    from safetensors.torch import load_file
+
+    path = write(tmp_path / "p.jsonl", pairs_of(make_sets(16)))
+    base = request.getfixturevalue(model)
+    for on in (False, True):
+        cfg = RewardTrainConfig(model=str(base), epochs=1, gradient_checkpointing=on, **FAST)
+        train_reward_model(path, tmp_path / f"rm-{on}", cfg)
+    off, on = (load_file(tmp_path / f"rm-{x}" / "model.safetensors") for x in (False, True))
+    start = load_file(base / "model.safetensors")
+    assert off.keys() == on.keys()
+    for name, w in off.items():
+        torch.testing.assert_close(on[name], w, rtol=1e-4, atol=1e-5)
+    names = {k: next((n for n in (k, k.removeprefix("transformer.")) if n in start), None) for k in off}
+    same = {k: start[n] for k, n in names.items() if n is not None}  # (T5's trunk is under "transformer.")
+    assert same and any(not torch.equal(off[k], w) for k, w in same.items())  # the trunk trained

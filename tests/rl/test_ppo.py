@@ -167,3 +167,31 @@ def test_scores_are_normalised_with_the_initial_policys_statistics(tiny_gpt2, tm
     assert m["score_norm"] == pytest.approx([initial.mean().item(), initial.std().item()])
     assert normalise_scores(torch.tensor([5.0, 1.0]), 3.0, 2.0).tolist() == [1.0, -1.0]
     assert PPOConfig().score_norm == "initial" and PPOConfig().value_detach
+
+
+@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_t5"])
+def test_gradient_checkpointing_trains_the_same_policy(model, request, tmp_path):
+    """gradient_checkpointing only trades time for memory: the same steps give the same adapter."""
+    from safetensors.torch import load_file
+
+    path = request.getfixturevalue(model)
+    adapters, logs = [], []
+    for on in (False, True):
+        out = tmp_path / f"gc-{on}"
+        run_ppo(
+            str(path),
+            good_reward,
+            PROMPTS,
+            out,
+            lora=True,
+            config=tiny_cfg(steps=2, gradient_checkpointing=on),
+        )
+        adapters.append(load_file(out / "model" / "adapter_model.safetensors"))
+        logs.append([json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()])
+    assert adapters[0].keys() == adapters[1].keys()
+    for name, w in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], w, rtol=1e-4, atol=1e-6, msg=name)
+    assert any(w.abs().sum() > 0 for n, w in adapters[0].items() if "lora_B" in n)  # trained (B starts at 0)
+    for a, b in zip(logs[0], logs[1], strict=True):
+        assert a["response_length"] == b["response_length"]
+        assert a["policy_loss"] == pytest.approx(b["policy_loss"], rel=1e-3, abs=1e-6)

@@ -48,6 +48,7 @@ from alignloop.models import (
     configure_threads,
     default_dtype,
     disable_dropout,
+    enable_gradient_checkpointing,
     fuse_activations,
     load_tokenizer,
     lora_target_modules,
@@ -83,6 +84,7 @@ class RewardTrainConfig(Config):
     lora: LoraSettings | None = None
     max_grad_norm: float = 1.0
     disable_dropout: bool = True
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory
     skip_bad: bool = False  # count and skip malformed pair lines instead of stopping
     # training state for --resume every N steps inside an epoch (0: only at the end of each epoch,
     # where one is always written); the older of the kept ones is the fallback if the newest is damaged
@@ -524,6 +526,8 @@ def _train(
     accelerator = make_accelerator(cfg.device)
     rank, world = rank_world()
     model, tok = load_reward_model(cfg.model, cfg.lora, accelerator.device, cfg.disable_dropout)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     pad_id = tok.pad_token_id
     max_length = min(cfg.max_length, model_max_length(model, tok))  # never past the position table
     train_enc = encode_groups(train_groups, model, tok, max_length, cfg.use_margin)

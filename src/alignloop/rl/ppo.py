@@ -38,7 +38,7 @@ from alignloop.checkpoints import file_sha256, newest_intact
 from alignloop.config import Config, load_config
 from alignloop.errors import UserError
 from alignloop.generation import SamplingSettings
-from alignloop.models import LoraSettings
+from alignloop.models import LoraSettings, enable_gradient_checkpointing
 from alignloop.rl.gae import gae, token_rewards
 from alignloop.rl.kl import adaptive_beta, kl_per_token
 from alignloop.rl.losses import approx_kl, explained_variance, policy_loss, ppo_loss, value_loss
@@ -78,6 +78,8 @@ class PPOConfig(Config):
     batch_size: int = Field(32, ge=1)  # prompts per rollout
     minibatch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)  # micro-batches per minibatch
+    # recompute layer activations in the backward pass: less peak memory, about one more forward per update
+    gradient_checkpointing: bool = False
     ppo_epochs: int = Field(4, ge=1)
     learning_rate: float = Field(3e-4, gt=0.0)
     lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
@@ -514,6 +516,8 @@ def run_ppo(
             shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         barrier()
         policy.model.eval()  # dropout is off in PPO: rollout and update log-probs must agree
+        if cfg.gradient_checkpointing:  # active only in training mode (set for the update phase below)
+            enable_gradient_checkpointing(policy.model)
         model = accelerator.prepare(policy.model)  # DDP under a launcher; the model itself otherwise
         if cfg.value_detach and policy.value_head is not None:  # value loss trains the head only
             policy.value_head.register_forward_pre_hook(lambda _m, args: (args[0].detach(),))
@@ -630,6 +634,9 @@ def run_ppo(
             # tokens(micro) * world / tokens(minibatch): summed over micro-batches and averaged over the
             # processes by DDP, the gradient is the token mean over the whole minibatch.
             g = torch.Generator().manual_seed(step_seed)
+            # training mode turns transformers' checkpointing on; every dropout p is 0, so the log-probs
+            # are those of the rollout either way (and generation, in eval mode, keeps its KV cache)
+            policy.model.train(cfg.gradient_checkpointing)
             sums = torch.zeros(
                 8, dtype=torch.float64
             )  # pg, vf, entropy, clip, vclip, approx-kl (x tokens), tokens, bad
@@ -694,6 +701,7 @@ def run_ppo(
                 epoch_kl = float(epoch_sums[5] / max(1.0, float(epoch_sums[6])))
                 if cfg.early_stop_kl is not None and epoch_kl > cfg.early_stop_kl:
                     break  # early stop: the policy moved too far from the rollout policy
+            policy.model.eval()  # the next rollout samples with the KV cache
             scheduler.step()  # optional learning-rate schedule, one tick per PPO step
             if nonfinite:
                 state["skipped_batches"] += nonfinite
