@@ -223,7 +223,7 @@ BENCHES = [
             "in both rows (gradients, AdamW moments and the reference copy of 124M fp32 weights, ~2 GB); "
             "with the whole batch of 8 x 96 tokens in one micro-batch the LoRA run's peak is its "
             "activations: LoRA on every linear layer needs the same layer inputs kept for the backward "
-            "pass as full fine-tuning (the LoRA peak is 0.86 GB higher at 1 micro-batch than at 4 here), so "
+            "pass as full fine-tuning (the LoRA peak is about 0.9 GB higher at 1 micro-batch than at 4), so "
             "it does not shrink them. Micro-batches of 2 (`grad_accum=4`, the same update) "
             "bring the ratio under 0.55x: the row above; so does `gradient_checkpointing=true`: the row below.",
         },

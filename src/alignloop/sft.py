@@ -39,7 +39,15 @@ from alignloop.distributed import (
     uses_sharded_weights,
 )
 from alignloop.errors import UserError
-from alignloop.models import LoraSettings, Policy, context_length, encode_pairs, load_policy, token_logprobs
+from alignloop.models import (
+    LoraSettings,
+    Policy,
+    context_length,
+    enable_gradient_checkpointing,
+    encode_pairs,
+    load_policy,
+    token_logprobs,
+)
 
 CHECKPOINT = "checkpoint"
 
@@ -57,6 +65,7 @@ class SFTConfig(Config):
     grad_clip: float = 1.0
     max_length: int | None = None  # prompt + response tokens (None: the model's context)
     lora: LoraSettings | None = None
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory
     merge: bool = False  # save the LoRA adapter merged into the base (a plain HF model)
     eval_fraction: float = 0.0
     seed: int = 0
@@ -307,6 +316,8 @@ def train_sft(
             no_dropout=False,
             device=accelerator.device,
         )
+        if cfg.gradient_checkpointing:  # the recompute replays the same dropout masks (RNG state kept)
+            enable_gradient_checkpointing(policy.model)
         ctx = context_length(policy.model)
         max_length = cfg.max_length or ctx
         if max_length is None and policy.is_seq2seq:

@@ -121,3 +121,23 @@ def test_sft_cli_with_lora(tiny_gpt2, tmp_path, cli):
     assert code == 0, err
     assert "train_loss=" in out
     assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["r"] == 2
+
+
+@pytest.mark.parametrize("which", ["gpt2", "t5"])
+def test_gradient_checkpointing_gives_the_same_weights(which, tiny_gpt2, tiny_t5, tmp_path):
+    """SFT keeps dropout on: the recompute replays the same dropout masks, so the weights are the same."""
+    path = tiny_gpt2 if which == "gpt2" else tiny_t5
+    data = _write(tmp_path / "sft.jsonl", PAIRS)
+    for on in (False, True):
+        cfg = SFTConfig(max_steps=4, batch_size=2, learning_rate=1e-3, gradient_checkpointing=on)
+        train_sft(str(path), data, tmp_path / f"run-{on}", cfg)
+    a, _ = models.load_lm(tmp_path / "run-False")
+    b, _ = models.load_lm(tmp_path / "run-True")
+    start, _ = models.load_lm(path)
+    moved = 0
+    for (name, x), (_, y), (_, s) in zip(
+        a.state_dict().items(), b.state_dict().items(), start.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-4, msg=name)
+        moved += not torch.equal(x, s)
+    assert moved  # it trained
