@@ -48,6 +48,16 @@ def write_folder(final: Path, write: Callable[[Path], None], info: dict[str, Any
     os.replace(tmp, final)
 
 
+def write_step(root: Path, step: int, write: Callable[[Path], None], info: dict[str, Any], keep: int) -> Path:
+    """``root/step-<step>`` written by :func:`write_folder`; then only the newest ``keep`` step folders
+    stay (the older kept one is the fallback when the newest is found damaged)."""
+    final = root / f"step-{step:08d}"
+    write_folder(final, write, info)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def verify_folder(folder: Path) -> dict[str, Any]:
     """``folder``'s ``state.json``, after checking every file it lists: raises ``ValueError`` saying what
     is wrong when ``state.json`` is unreadable or a file is missing, truncated or altered."""

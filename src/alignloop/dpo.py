@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from alignloop.checkpoints import newest_intact, verify_folder, write_folder
+from alignloop.checkpoints import newest_intact, verify_folder, write_step
 from alignloop.config import Config
 from alignloop.errors import UserError
 from alignloop.models import (
@@ -544,8 +544,6 @@ def save_checkpoint(folder: Path, step: int, model: Any, optimizer: Any, fingerp
     """``folder/checkpoints/step-<step>``: trainable weights, optimizer state, RNG states, step."""
     from safetensors.torch import save_file
 
-    root = folder / CHECKPOINTS
-    final = root / f"step-{step:08d}"
     weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
     def write(tmp: Path) -> None:
@@ -553,10 +551,7 @@ def save_checkpoint(folder: Path, step: int, model: Any, optimizer: Any, fingerp
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
 
-    write_folder(final, write, {"step": step, "fingerprint": fingerprint})
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return write_step(folder / CHECKPOINTS, step, write, {"step": step, "fingerprint": fingerprint}, keep)
 
 
 def save_snapshot(folder: Path, model: Any, tokenizer: Any) -> Path:
@@ -572,14 +567,9 @@ def save_snapshot(folder: Path, model: Any, tokenizer: Any) -> Path:
     return folder
 
 
-def verify_checkpoint(ckpt: Path) -> None:
-    """Raise ``ValueError`` saying what is wrong when a checkpoint folder is damaged."""
-    verify_folder(ckpt)
-
-
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest intact checkpoint; a damaged one is reported and the previous one used instead."""
-    hit = newest_intact(folder / CHECKPOINTS, verify_checkpoint, "dpo")
+    hit = newest_intact(folder / CHECKPOINTS, verify_folder, "dpo")
     return hit[0] if hit else None
 
 

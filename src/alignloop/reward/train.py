@@ -32,7 +32,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from alignloop.checkpoints import newest_intact, verify_folder, write_folder
+from alignloop.checkpoints import newest_intact, verify_folder, write_folder, write_step
 from alignloop.config import Config
 from alignloop.distributed import (
     all_reduce_sum,
@@ -357,13 +357,9 @@ def _save_checkpoint(
             d / "optimizer.pt",
         )
 
-    final = root / f"step-{state['step']:08d}"
-    write_folder(final, write, state)
-    kept = sorted(root.glob("step-*"))
-    for old in kept[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    final = write_step(root, state["step"], write, state, keep)
     named = {state.get("best")}
-    for c in kept[-keep:]:
+    for c in root.glob("step-*"):
         try:
             named.add(json.loads((c / "state.json").read_text()).get("best"))
         except (OSError, json.JSONDecodeError):

@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -34,7 +33,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from alignloop.checkpoints import file_sha256, newest_intact
+from alignloop.checkpoints import newest_intact, verify_folder, write_step
 from alignloop.config import Config, load_config
 from alignloop.errors import UserError
 from alignloop.generation import SamplingSettings
@@ -271,56 +270,31 @@ def save_checkpoint(
     records the size and SHA-256 of ``state.pt``, so a checkpoint damaged later (a truncated file) is
     recognised on ``--resume``. The last ``keep`` checkpoints are kept (the older one is the fallback).
     """
-    root = out / CHECKPOINTS
-    final = root / f"step-{state['step']:08d}"
-    tmp = root / f".tmp-step-{state['step']:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(
-        {
-            "trainable": {n: p.detach().cpu().clone() for n, p in _trainable(policy).items()},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-            "state": state,
-        },
-        tmp / "state.pt",
-    )
+
+    def write(tmp: Path) -> None:
+        torch.save(
+            {
+                "trainable": {n: p.detach().cpu().clone() for n, p in _trainable(policy).items()},
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                "state": state,
+            },
+            tmp / "state.pt",
+        )
+
     info = {k: v for k, v in state.items() if k != "history"}
-    info.update(
-        {
-            "state_pt_bytes": (tmp / "state.pt").stat().st_size,
-            "state_pt_sha256": file_sha256(tmp / "state.pt"),
-        }
-    )
-    (tmp / "state.json").write_text(json.dumps(info, indent=2))
-    for f in tmp.iterdir():  # on disk before the rename makes them the checkpoint
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return write_step(out / CHECKPOINTS, state["step"], write, info, keep)
 
 
 def read_checkpoint(folder: Path) -> dict[str, Any]:
     """The contents of one checkpoint folder, verified: raises ``ValueError`` saying what is wrong when
     ``state.json`` is unreadable or ``state.pt`` is missing, truncated or altered (size / SHA-256)."""
-    try:
-        info = json.loads((folder / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"state.json unreadable ({e})") from None
-    pt = folder / "state.pt"
-    if not pt.is_file():
+    files = verify_folder(folder)["files"]
+    if "state.pt" not in files:
         raise ValueError("state.pt is missing")
-    size = pt.stat().st_size
-    if size != info.get("state_pt_bytes"):
-        raise ValueError(f"state.pt has {size} bytes, {info.get('state_pt_bytes')} were written (truncated)")
-    if file_sha256(pt) != info.get("state_pt_sha256"):
-        raise ValueError("state.pt does not match the SHA-256 recorded when it was written")
     try:
-        return torch.load(pt, weights_only=False, map_location="cpu")
+        return torch.load(folder / "state.pt", weights_only=False, map_location="cpu")
     except Exception as e:  # noqa: BLE001 -- any unpickling failure means a damaged file
         raise ValueError(f"state.pt cannot be read ({type(e).__name__}: {e})") from None
 
