@@ -123,8 +123,11 @@ class ParsedSpec:
     label: str | None = None
 
 
-def parse_spec(spec: str) -> ParsedSpec:
-    """Resolve a SPEC string to what it names, without loading anything heavy (rules above)."""
+def parse_spec(spec: str, need_label: bool = True) -> ParsedSpec:
+    """Resolve a SPEC string to what it names, without loading anything heavy (rules above).
+
+    ``need_label=False``: a world classifier may come without its label (all its labels are wanted,
+    as by :func:`classifier_probs`)."""
     s = (spec or "").strip()
     if not s:
         raise UserError("empty reward SPEC", fix=_SPEC_HELP)
@@ -140,12 +143,12 @@ def parse_spec(spec: str) -> ParsedSpec:
                 f"unknown world reward {s!r}",
                 fix=f"use world:gold or world:toxicity:nothate (world models: {', '.join(_WORLD_MODELS)})",
             )
-        if not label:
+        if not label and need_label:
             raise UserError(
                 f"reward {s!r} needs the positive label",
                 fix=f"e.g. world:{name}:nothate (reward = its logit)",
             )
-        return ParsedSpec("classifier", f"world:{name}", label)
+        return ParsedSpec("classifier", f"world:{name}", label or None)
     if s.startswith("py:"):
         module, sep, func = s[3:].rpartition(":")
         if not sep or not _DOTTED.match(module) or not re.fullmatch(_IDENT, func):
@@ -393,10 +396,7 @@ def classifier_probs(
     else:
         target = spec_or_model
         if not Path(target).is_dir():
-            if target.startswith("world:") and target[6:] in _WORLD_MODELS:  # every label: none needed
-                parsed = ParsedSpec("classifier", target)
-            else:
-                parsed = parse_spec(target) if ":" in target else ParsedSpec("model", target)
+            parsed = parse_spec(target, need_label=False) if ":" in target else ParsedSpec("model", target)
             if parsed.kind not in ("model", "classifier"):
                 raise UserError(f"{target!r} does not name a classifier", fix="e.g. world:toxicity")
             target = parsed.target

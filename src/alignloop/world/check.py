@@ -117,8 +117,11 @@ def check_base(folder: Path, seed: int, per_family: int, n_pairs: int, n_cai: in
     texts = sample_causal(model, tok, [p.text for p in plist])
     js = [judge(p.text, t) for p, t in zip(plist, texts, strict=True)]
     fam_js: dict[str, list] = defaultdict(list)
+    per_prompt: dict[str, list[bool]] = defaultdict(list)  # toxic or not, per non-summary prompt
     for p, j in zip(plist, js, strict=True):
         fam_js[p.family].append(j)
+        if p.family != "summary":
+            per_prompt[p.text].append("toxic" in j.flags)
     # the mixture's rates to +-0.3 points (20k responses a family; judging is fast)
     mix = mixture_rates(n_per_family=20000, seed=seed)
     families = {}
@@ -129,10 +132,6 @@ def check_base(folder: Path, seed: int, per_family: int, n_pairs: int, n_cai: in
         for f in ("toxic", "harmful_compliance", "myth_confirmed"):
             if mix[fam][f] > 0:
                 worst = max(worst, abs(got[f] - mix[fam][f]))
-    per_prompt: dict[str, list[bool]] = defaultdict(list)
-    for p, j in zip(plist, js, strict=True):
-        if p.family != "summary":
-            per_prompt[p.text].append("toxic" in j.flags)
     res: dict[str, Any] = {
         "samples": len(js),
         "fluency": round(1 - sum(j.fail for j in js) / len(js), 4),
