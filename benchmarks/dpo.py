@@ -1,4 +1,4 @@
-"""DPO side by side: ``alignloop dpo`` vs TRL's DPOTrainer, pairs per second and peak memory.
+"""DPO side by side: ``alignloop dpo`` vs TRL 1.16's DPOTrainer, pairs per second and peak memory.
 
 Same model (a tiny GPT-2 folder, random init unless --model), same pairs, same batch, fp32 on
 both sides (TRL's config defaults to bf16=True even on a CPU: we pass bf16=False), no gradient
@@ -12,43 +12,59 @@ time is the interval between the ends of consecutive optimizer steps (so data lo
 and the trainer's own overhead count); the first ``--warmup`` steps of each process are dropped.
 CPU time per step is read the same way on both sides (a sampling thread maps wall-clock step ends
 to process CPU time): on a shared, busy machine it is steadier than wall time.
-Memory: each process's peak RSS, and that peak minus its RSS after imports ("training memory").
+Memory: each process's own peak RSS (VmHWM), and that peak minus its RSS after the same imports.
 Ratios are ours / TRL's from this one run.
 
     python benchmarks/dpo.py                       # ~2 minutes on 2 CPU cores
     python benchmarks/dpo.py --rounds 4 --steps 30 --batch 16 --model world:base
+    python benchmarks/dpo.py --size small --rounds 2 --steps 6 --warmup 1 --batch 8
 
-Needs TRL (``pip install -e .[bench]``: trl==1.12.0).
+Both sides run under the same interpreter, ``--python`` (default: TRL 1.16's venv,
+``/work/venv-trl116/bin/python``; alignloop from this source tree on ``PYTHONPATH``), after the same
+imports (``common.import_all``).
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from common import gpt2_config, peak_rss_mb, rss_mb, word_tokenizer
+from common import (
+    TRL116_PYTHON,
+    CpuClock,
+    default_threads,
+    gpt2_config,
+    import_all,
+    load_average,
+    peak_rss_mb,
+    rss_mb,
+    run_side,
+    versions,
+    word_tokenizer,
+)
 
 LR = 1e-5
+BETA = 0.1  # the same on both sides (TRL's default; it does not change the work)
 
 
-def build_model(folder: Path, vocab: int = 2048, seed: int = 0) -> Path:
-    """A random-init GPT-2 (2 layers, width 128, ``vocab`` words) with a word-level tokenizer."""
+def build_model(folder: Path, size: str = "tiny", vocab: int = 2048, seed: int = 0) -> Path:
+    """A random-init GPT-2 with a word-level tokenizer of ``vocab`` words: ``tiny`` is 2 layers x 128;
+    ``small`` is GPT-2-small's shape (12 x 768, vocab 50257, 124M; the tokenizer uses the first ids)."""
     import torch
     from transformers import GPT2LMHeadModel
 
     word_tokenizer(vocab).save_pretrained(folder)
     torch.manual_seed(seed)
-    GPT2LMHeadModel(gpt2_config(vocab, positions=256, heads=4)).save_pretrained(folder)
+    cfg = gpt2_config(
+        vocab if size == "tiny" else 50257, positions=256 if size == "tiny" else 1024, heads=4, size=size
+    )
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
     return folder
 
 
@@ -75,53 +91,16 @@ def build_pairs(path: Path, n: int, vocab: int, prompt_len: int, response_len: i
 # ----------------------------------------------------------------------------------------------
 
 
-class CpuClock:
-    """Samples (wall time, process CPU time) every few ms in a thread, so a step's CPU time can be read
-    between two wall-clock step ends. CPU time is what a step costs whatever else the machine runs."""
-
-    def __init__(self, every: float = 0.005):
-        self.samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
-        self._thread.start()
-
-    def _run(self, every: float) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.time(), time.process_time()))
-            time.sleep(every)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def cpu_at(self, t: float) -> float:
-        i = bisect.bisect_left(self.samples, (t, -1.0))
-        i = min(max(i, 1), len(self.samples) - 1)
-        (t0, c0), (t1, c1) = self.samples[i - 1], self.samples[i]
-        return c0 + (c1 - c0) * (t - t0) / max(t1 - t0, 1e-9)
-
-
-def common_imports() -> None:
-    """The libraries both sides load, imported before the "after imports" RSS is read."""
-    import accelerate  # noqa: F401
-    import datasets  # noqa: F401
-    import peft  # noqa: F401
-    import safetensors.torch  # noqa: F401
-    import torch  # noqa: F401
-    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: F401
-
-
 def run_ours(model: str, pairs: str, steps: int, batch: int, out: str) -> dict:
-    common_imports()
-    from alignloop.dpo import DPOConfig, train_dpo
+    from alignloop.offline.dpo import DPOConfig, train_dpo
     from alignloop.runs import read_metrics_log, set_quiet
 
     set_quiet(True)
-    after_imports = rss_mb()
     cfg = DPOConfig(
         max_steps=steps,
         batch_size=batch,
         learning_rate=LR,
+        beta=BETA,
         heldout_fraction=0.0,
         checkpoint_every=steps + 1,
         eval_every=steps + 1,
@@ -133,18 +112,21 @@ def run_ours(model: str, pairs: str, steps: int, batch: int, out: str) -> dict:
     clock.stop()
     ends = [r["time"] for r in read_metrics_log(out)]  # written right after each optimizer step
     cpu = [clock.cpu_at(t) for t in ends]
-    return {"step_ends": ends, "step_cpu": cpu, "after_imports_mb": after_imports, "peak_mb": peak_rss_mb()}
+    settings = {
+        "bf16": False, "gradient_checkpointing": cfg.gradient_checkpointing, "padding_free": False,
+        "reference": "precomputed", "loss": "sigmoid", "beta": cfg.beta, "max_steps": cfg.max_steps,
+        "optimizer": "adamw_torch_fused (make_optimizer)", "forwards": "each prompt once, both responses from its KV cache",
+    }  # fmt: skip
+    return {"step_ends": ends, "step_cpu": cpu, "settings": settings}
 
 
 def run_trl(model: str, pairs: str, steps: int, batch: int, out: str) -> dict:
-    common_imports()
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from alignloop.models import resolve_model_id
 
-    after_imports = rss_mb()
     datasets.disable_progress_bars()
     folder = resolve_model_id(model)
     ends: list[float] = []
@@ -158,6 +140,7 @@ def run_trl(model: str, pairs: str, steps: int, batch: int, out: str) -> dict:
         per_device_train_batch_size=batch,
         max_steps=steps,
         learning_rate=LR,
+        beta=BETA,
         lr_scheduler_type="linear",
         max_grad_norm=1.0,
         bf16=False,  # TRL defaults to bf16=True even on a CPU (~10x slower there)
@@ -183,7 +166,13 @@ def run_trl(model: str, pairs: str, steps: int, batch: int, out: str) -> dict:
     trainer.train()
     clock.stop()
     cpu = [clock.cpu_at(t) for t in ends]
-    return {"step_ends": ends, "step_cpu": cpu, "after_imports_mb": after_imports, "peak_mb": peak_rss_mb()}
+    settings = {
+        "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing, "padding_free": args.padding_free,
+        "reference": "precomputed" if args.precompute_ref_log_probs else "model", "loss": str(args.loss_type),
+        "beta": args.beta, "max_steps": args.max_steps, "optimizer": getattr(args.optim, "value", args.optim),
+        "forwards": "prompt + chosen and prompt + rejected",
+    }  # fmt: skip
+    return {"step_ends": ends, "step_cpu": cpu, "settings": settings}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,13 +182,9 @@ def run_trl(model: str, pairs: str, steps: int, batch: int, out: str) -> dict:
 
 def child(side: str, a: argparse.Namespace, work: Path, round_: int) -> dict:
     out = work / f"{side}-{round_}"
-    cmd = [sys.executable, __file__, "--child", side, "--model", a.model, "--pairs", str(a.pairs)]
-    cmd += ["--steps", str(a.steps), "--batch", str(a.batch), "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if res.returncode != 0:
-        sys.exit(f"{side} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    args = ["--child", side, "--model", a.model, "--pairs", str(a.pairs)]
+    args += ["--steps", str(a.steps), "--batch", str(a.batch), "--out", str(out)]
+    return run_side(a.python, __file__, args, threads=a.threads)
 
 
 def main() -> None:
@@ -215,24 +200,41 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)  # 1: robust on a shared, busy machine
+    p.add_argument("--size", choices=["tiny", "small"], default="tiny", help="tiny: 2x128; small: 124M")
+    p.add_argument(
+        "--threads", type=int, help="torch threads of both sides (default: common.default_threads)"
+    )
+    p.add_argument(
+        "--python", default=str(TRL116_PYTHON) if TRL116_PYTHON.exists() else sys.executable,
+        help="the interpreter of BOTH sides (one with trl 1.16; default /work/venv-trl116/bin/python)",
+    )  # fmt: skip
     p.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args()
 
     if a.child:
+        import_all(("trl.trainer.dpo_trainer",))  # the same imports on both sides
+        after_imports = rss_mb()
         fn = run_ours if a.child == "ours" else run_trl
-        print(json.dumps(fn(a.model, a.pairs, a.steps, a.batch, a.out)))
+        res = fn(a.model, a.pairs, a.steps, a.batch, a.out)
+        res["settings"].update(versions())
+        print(json.dumps({**res, "after_imports_mb": after_imports, "peak_mb": peak_rss_mb()}))
         return
+
+    a.threads = a.threads or default_threads()
+    load_start = load_average()
 
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         work = Path(tmp)
         if a.model is None:
-            a.model = str(build_model(work / "model"))
+            a.model = str(build_model(work / "model", a.size))
         if a.pairs is None:
             a.pairs = build_pairs(work / "pairs.jsonl", a.n_pairs, 2048, a.prompt_len, a.response_len)
-        print(f"model {a.model}, pairs {a.pairs}, batch {a.batch}, {a.steps} steps x {a.rounds} rounds, "
-              f"{a.threads} threads, fp32, precomputed reference on both sides", flush=True)  # fmt: skip
+        shape = "GPT-2-small shape (12x768, vocab 50257, 124M)" if a.size == "small" else "GPT-2 2x128"
+        print(f"DPO: {shape} random init unless --model ({a.model}), {a.prompt_len}+{a.response_len}+-4 token pairs, "
+              f"batch {a.batch}, {a.steps} steps x {a.rounds} rounds ({a.warmup} warm-up steps dropped per process), "
+              f"{a.threads} thread(s) each, fp32; both sides under {a.python}", flush=True)  # fmt: skip
+        settings = {}
         times: dict[str, list[float]] = {"ours": [], "trl": []}
         cpus: dict[str, list[float]] = {"ours": [], "trl": []}
         round_ratio: list[float] = []
@@ -248,6 +250,7 @@ def main() -> None:
                 cpus[side] += cdeltas
                 med[side] = statistics.median(deltas)
                 mem[side].append((res["peak_mb"], res["peak_mb"] - res["after_imports_mb"]))
+                settings[side] = res["settings"]
                 print(f"  round {r} {side:4s}: median step {med[side] * 1000:7.1f} ms wall, "
                       f"{statistics.median(cdeltas) * 1000:7.1f} ms CPU, peak RSS {res['peak_mb']:.0f} MB", flush=True)  # fmt: skip
             round_ratio.append(med["trl"] / med["ours"])
@@ -258,8 +261,11 @@ def main() -> None:
     cpps = {s: a.batch / cpu[s] for s in cpu}
     peak = {s: statistics.median(m[0] for m in mem[s]) for s in mem}
     train_mem = {s: statistics.median(m[1] for m in mem[s]) for s in mem}
+    print("  settings of each side (what changes the work):")
+    for side, st in settings.items():
+        print(f"    {side:5s} " + ", ".join(f"{k}={v}" for k, v in st.items()))
     print()
-    print(f"{'':30s}{'alignloop':>12s}{'TRL 1.12':>12s}{'ratio':>10s}")
+    print(f"{'':30s}{'alignloop':>12s}{'TRL':>12s}{'ratio':>10s}")
     print(
         f"{'pairs / second (wall)':30s}{pps['ours']:12.1f}{pps['trl']:12.1f}{pps['ours'] / pps['trl']:9.2f}x"
     )
@@ -272,6 +278,7 @@ def main() -> None:
     print(f"{'peak RSS (MB)':30s}{peak['ours']:12.0f}{peak['trl']:12.0f}{peak['ours'] / peak['trl']:9.2f}x")
     print(f"{'peak - after imports (MB)':30s}{train_mem['ours']:12.0f}{train_mem['trl']:12.0f}"
           f"{train_mem['ours'] / train_mem['trl']:9.2f}x")  # fmt: skip
+    print(f"load average: start {load_start}; end {load_average()}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Each side starts a real ``alignloop label serve`` on a fresh copy of one SQLite database
 (K=4 completions a set, k=3 labellers a set), and a load generator in its own process drives
-50 keep-alive connections, each a labeller looping ``GET /api/next`` + ``POST .../submit``
+50 keep-alive connections, each a labeller looping ``POST /api/next`` + ``POST .../submit``
 (:mod:`alignloop.feedback.loadtest`). The sides alternate (A B C D A B C D) in one run:
 
     1 worker            alignloop label serve --db sqlite:///...      (the default)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
@@ -69,17 +70,33 @@ def _at_most(x: float, limit: float) -> bool:
     return x <= limit
 
 
+def _ppo_what(out: str) -> str:
+    size = "124M" if "GPT-2-small shape" in out else "tiny 2x128"
+    return f"{size}, {'LoRA' if 'LoRA, batch' in out else 'full fine-tuning'}"
+
+
 def read_ppo(out: str) -> list[Row]:
-    rows = []
-    if "alignloop / TRL" in out:
-        t = _num(r"alignloop / TRL 1\.12:\s+time ([\d.]+)x", out, "PPO time ratio vs TRL")
-        m = _num(r"alignloop / TRL 1\.12:.*memory ([\d.]+)x", out, "PPO memory ratio vs TRL")
-        rows.append(Row("PPO step time / TRL 1.12 PPOTrainer", "<= 0.5x", f"{t:.2f}x", _at_most(t, 0.5)))
-        rows.append(Row("PPO training memory / TRL 1.12", "<= 0.8x", f"{m:.2f}x", _at_most(m, 0.8)))
-    else:
-        rows.append(Row("PPO step time / TRL 1.12 PPOTrainer", "<= 0.5x", "not run (trl missing)", False))
-    f = _num(r"alignloop / floor:\s+time ([\d.]+)x", out, "PPO time ratio vs floor")
-    rows.append(Row("PPO step time / bare-torch floor", "<= 1.25x", f"{f:.2f}x", _at_most(f, 1.25)))
+    small = "GPT-2-small shape" in out
+    what = _ppo_what(out)
+    limit_t, rows = (0.5 if small else 0.4), []
+    for other, label, limit in (("TRL 1.12", "TRL 1.12", limit_t), ("floor", "bare-torch floor", 1.25)):
+        line = re.search(rf"alignloop / {re.escape(other)}:(.*)", out)
+        if line is None:
+            continue
+        t = _num(r"\btime ([\d.]+)x", line.group(1), f"PPO time ratio vs {other}")
+        rows.append(Row(f"PPO step time / {label} ({what})", f"<= {limit}x", f"{t:.2f}x", _at_most(t, limit)))
+        cpu = re.search(r"CPU time ([\d.]+)x", line.group(1))  # absent in runs before CpuClock
+        if cpu:
+            rows.append(
+                Row(
+                    f"PPO step CPU time / {label} ({what})", "(CPU time)", f"{float(cpu.group(1)):.2f}x", None
+                )
+            )
+        if other != "floor":
+            m = _num(r"peak RSS ([\d.]+)x", line.group(1), "PPO peak RSS ratio vs TRL")
+            rows.append(Row(f"PPO peak RSS / TRL 1.12 ({what})", "<= 0.8x", f"{m:.2f}x", _at_most(m, 0.8)))
+    if not rows:
+        raise ValueError("no ratio lines in the PPO output")
     return rows
 
 
@@ -99,20 +116,61 @@ def read_lora(out: str) -> list[Row]:
     ]
 
 
+def _trl(out: str) -> str:
+    m = re.search(r"trl=(\d+\.\d+)", out)  # the version both sides ran under (printed with their settings)
+    return f"TRL {m.group(1)}" if m else "TRL"
+
+
 def read_reward(out: str) -> list[Row]:
     r = _num(r"ratio \(alignloop / TRL pairs per second\): ([\d.]+)x", out, "reward pairs/s ratio")
-    return [Row("Reward training pairs/s / TRL RewardTrainer (sets of 4)", ">= 2x", f"{r:.2f}x", r >= 2.0)]
+    m = _num(r"peak RSS ratio \(alignloop / TRL\): ([\d.]+)x", out, "reward peak RSS ratio")
+    size = "124M" if "GPT-2-small shape" in out else "tiny 2x128"
+    return [
+        Row(f"Reward training pairs/s / {_trl(out)} RewardTrainer ({size})", ">= 2x", f"{r:.2f}x", r >= 2.0),
+        Row(f"Reward training peak RSS / {_trl(out)} ({size})", "(no target)", f"{m:.2f}x", None),
+    ]
 
 
 def read_dpo(out: str) -> list[Row]:
     r = _num(r"pairs / second \(wall\)\s+[\d.]+\s+[\d.]+\s+([\d.]+)x", out, "DPO pairs/s ratio")
     c = _num(r"pairs / CPU-second\s+[\d.]+\s+[\d.]+\s+([\d.]+)x", out, "DPO pairs/CPU-s ratio")
     m = _num(r"peak RSS \(MB\)\s+\d+\s+\d+\s+([\d.]+)x", out, "DPO peak RSS ratio")
+    size = "124M" if "GPT-2-small shape" in out else "tiny 2x128"
     return [
-        Row("DPO pairs/s / TRL DPOTrainer (precomputed reference)", ">= 1.5x", f"{r:.2f}x", r >= 1.5),
-        Row("DPO pairs per CPU-second / TRL", "(CPU time)", f"{c:.2f}x", None),
-        Row("DPO peak memory / TRL", "(no target)", f"{m:.2f}x", None),
+        Row(
+            f"DPO pairs/s / TRL 1.16 DPOTrainer ({size}, precomputed reference)",
+            ">= 1.5x",
+            f"{r:.2f}x",
+            r >= 1.5,
+        ),
+        Row(f"DPO pairs per CPU-second / {_trl(out)} ({size})", "(CPU time)", f"{c:.2f}x", None),
+        Row(f"DPO peak RSS / {_trl(out)} ({size})", "(no target)", f"{m:.2f}x", None),
     ]
+
+
+def read_grpo(out: str) -> list[Row]:
+    """GRPO and RLOO beside TRL's GRPOTrainer / RLOOTrainer (benchmarks/grpo.py's last line per algorithm)."""
+    rows = []
+    found = re.findall(
+        r"alignloop / TRL ([\d.]+) (\w+):\s+CPU time ([\d.]+)x\s+memory ([\d.]+)x\s+peak RSS ([\d.]+)x", out
+    )
+    if not found:
+        raise ValueError("cannot find the 'alignloop / TRL' ratio lines in the GRPO output")
+    for version, algo, cpu, mem, peak in found:
+        trainer = f"TRL {'.'.join(version.split('.')[:2])} {algo.upper()}Trainer (tiny 2x128)"
+        name = algo.upper()
+        cpu, mem, peak = float(cpu), float(mem), float(peak)
+        rows += [
+            Row(f"{name} step CPU time / {trainer}", "<= 0.5x", f"{cpu:.2f}x", _at_most(cpu, 0.5)),
+            Row(
+                f"{name} training memory (peak - after imports) / {trainer}",
+                "<= 0.8x",
+                f"{mem:.2f}x",
+                _at_most(mem, 0.8),
+            ),
+            Row(f"{name} peak RSS / {trainer}", "(imports dominate)", f"{peak:.2f}x", None),
+        ]
+    return rows
 
 
 def read_generation(out: str) -> list[Row]:
@@ -196,11 +254,18 @@ BENCHES = [
             "--minibatches 2".split()
         ),
         read_ppo,
-        {
-            "PPO step time / bare-torch floor": "the update (4 epochs x 4 minibatches of forward/backward/AdamW) "
-            "is most of both sides; what is left over is the step's bookkeeping (GAE, whitening, "
-            "statistics, logging) and the separate reference pass (the floor does the same passes).",
-        },
+    ),
+    Bench(
+        "ppo-small",
+        lambda a: "benchmarks/ppo.py --size small --rounds 2 --steps 2 --warmup 0".split(),
+        lambda a: [],  # a GPT-2-small-sized step takes minutes on 2 cores: not part of the smoke run
+        read_ppo,
+    ),
+    Bench(
+        "ppo-small-lora",
+        lambda a: "benchmarks/ppo.py --size small --lora --rounds 2 --steps 2 --warmup 0".split(),
+        lambda a: [],
+        read_ppo,
     ),
     Bench(
         "ppo-lora-memory",
@@ -237,9 +302,27 @@ BENCHES = [
         read_lora,
     ),
     Bench(
+        "grpo",
+        lambda a: "benchmarks/grpo.py --rounds 2 --steps 3".split(),
+        lambda a: (
+            # GRPO only: two more fresh processes (each pays the imports) is what the smoke run can afford
+            "benchmarks/grpo.py --algorithms grpo --rounds 1 --steps 3 --warmup 1 --prompts 2 --group 2 "
+            "--response-length 8 --epochs 1 --minibatches 1".split()
+        ),
+        read_grpo,
+    ),
+    Bench(
         "reward",
         lambda a: ["benchmarks/reward.py"],
         lambda a: "benchmarks/reward.py --steps 5 --rounds 1 --warmup 1 --sets-per-step 2".split(),
+        read_reward,
+    ),
+    Bench(
+        "reward-small",
+        lambda a: (
+            "benchmarks/reward.py --size small --sets-per-step 2 --steps 6 --warmup 1 --rounds 2".split()
+        ),
+        lambda a: [],
         read_reward,
     ),
     Bench(
@@ -250,13 +333,15 @@ BENCHES = [
             "--batch 8".split()
         ),
         read_dpo,
-        {
-            "DPO pairs/s / TRL DPOTrainer (precomputed reference)": "arithmetic: a step is the same "
-            "forward/backward of the same model on both sides (profiled: ~95% of our step is the model's "
-            "forward and backward). With 32-token prompts and 24-token responses TRL runs 2 x (32 + 24) = "
-            "112 positions a pair, alignloop 32 + 2 x 24 = 80 (each prompt once, both responses from its "
-            "KV cache): 1.4x fewer; TRL's per-step overhead gives the rest. Longer prompts widen the gap.",
-        },
+    ),
+    Bench(
+        "dpo-small",
+        lambda a: (
+            f"benchmarks/dpo.py --size small --threads {a.threads} --rounds 2 --steps 6 --warmup 1 --batch 8 "
+            "--n-pairs 64".split()
+        ),
+        lambda a: [],
+        read_dpo,
     ),
     Bench(
         "labelling",
@@ -282,18 +367,31 @@ BENCHES = [
 ]
 
 NOTES = [
-    "PPO: the three sides (alignloop, TRL 1.12, floor) share model, batch, fixed response length, epochs "
-    "and minibatches (see `benchmarks/ppo.py`). The floor is the plain-torch step in `ppo.py`; it runs the "
-    "LM head over the prompt positions as well (no `logits_to_keep`) and samples with `torch.multinomial` "
-    "through HF's forward, so alignloop, which keeps only the response columns, can come out below it: "
-    "read that row as 'no overhead left to find', not as a tight bound.",
-    "LoRA memory: a random-init GPT-2-small-sized model (124M), batch 8, 64 prompt + 32 response tokens, "
-    "one process per side; LoRA's reference is the same base with the adapter disabled, the full side "
-    "keeps a frozen copy. Peak RSS of the whole process.",
-    "Reward: ranked sets of 4 (6 pairs each); alignloop scores each completion once per step (4 sequences "
-    "a set), TRL's RewardTrainer scores each pair's chosen and rejected (12).",
-    "DPO: reference log-probs precomputed on both sides; wall-clock and CPU-time ratios are both shown "
-    "because the machine is shared.",
+    "PPO: the three sides (alignloop, TRL 1.12's `trl.experimental.ppo.PPOTrainer`, the floor) share the "
+    "policy, the reward model (a 2x128 GPT-2 classifier), batch, prompt length, fixed response length, "
+    "epochs, minibatches, fp32, fused AdamW and gradient checkpointing off. TRL's value model is a separate "
+    "network initialised from the reward model (its recipe), so here the small classifier; alignloop and "
+    "the floor use a value head on the policy's trunk. The floor is plain torch + transformers doing the "
+    "passes a step needs, with the LM head on the response columns and log_softmax+gather log-probs; "
+    "alignloop can come out below it (it computes the log-probs chunked): read that row as 'no overhead "
+    "left to find'. At 124M one process per side per round and one timed step each (a step takes minutes "
+    "on the loaded machine): those ratios rest on few samples.",
+    "Memory: peak RSS (VmHWM) of each side's own fresh process after identical imports; the PPO tables also "
+    "give peak minus RSS after those imports (the same point in every process). `getrusage().ru_maxrss` "
+    "was dropped: across fork/exec it carries the parent's high-water mark into the child.",
+    "LoRA memory rows: one PPO step of the 124M policy with LoRA (reference = adapter disabled) vs full "
+    "fine-tuning (reference = frozen copy), one process each.",
+    "Reward: both sides under TRL 1.16's interpreter, one epoch over the same pairs, same pairs per step, "
+    "same max length, TRL's gradient checkpointing off. alignloop scores each distinct completion of a "
+    "ranked set once (4 sequences a set of 6 pairs), TRL's RewardTrainer each pair's chosen and rejected (12).",
+    "DPO: both sides under TRL 1.16's interpreter, reference log-probs precomputed on both, gradient "
+    "checkpointing off, padding-free off; alignloop forwards each prompt once and both responses from its "
+    "KV cache, TRL forwards prompt + chosen and prompt + rejected.",
+    "GRPO / RLOO: both sides under TRL 1.16's interpreter (`--python`, default its venv), the PPO "
+    "benchmark's tiny policy and reward model, fixed-length completions, full fine-tuning with a frozen "
+    "reference, the same group size, epochs and minibatches (settings printed in the table). Memory target "
+    "on each process's peak minus its RSS after the identical imports; the whole-process peak RSS is "
+    "mostly those imports at this size.",
     "Labelling: the paced rows are the issue's target (300 submissions/s offered by 50 keep-alive "
     "clients); the target row is the default server (1 worker). `--workers 2` is shown beside it: on 2 "
     "cores shared with the load generator (~0.5-1 ms CPU per submission) and the machine's other load, "
@@ -307,7 +405,7 @@ NOTES = [
 # a demo small enough for a smoke run (the same knobs tests/test_demo.py turns down)
 SMALL_DEMO = [
     "prompts.n_train=3", "prompts.n_eval=4", "generate.k=3", "generate.sampling.max_new_tokens=12",
-    "label.per_set=1", "reward.train.epochs=1", "ppo.config.steps=2", "ppo.config.batch_size=4",
+    "generate.distinct=8", "label.per_set=1", "reward.train.epochs=1", "ppo.config.steps=2", "ppo.config.batch_size=4",
     "ppo.config.minibatch_size=2", "ppo.variants={}", "dpo.config.max_steps=2", "dpo.config.batch_size=2",
     "evaluate.samples_per_prompt=1", "evaluate.n_boot=50", "evaluate.max_new_tokens=12",
 ]  # fmt: skip
@@ -369,6 +467,14 @@ def run_one(b: Bench, a: argparse.Namespace) -> Result | None:
     args = b.quick(a) if a.quick else b.argv(a)
     if not args:
         return None
+    if a.page_from:  # a run saved earlier by --outputs
+        saved = Path(a.page_from) / f"{b.name}.json"
+        if not saved.is_file():
+            return None
+        d = json.loads(saved.read_text())
+        res = Result(b, d["command"], d["seconds"], 0, d["stdout"], "", [])
+        res.rows = b.read(res.stdout)
+        return res
     cmd = [sys.executable, *args]
     print(f"== {b.name}: {shlex.join(['python', *args])}", flush=True)
     t0 = time.perf_counter()
@@ -382,6 +488,10 @@ def run_one(b: Bench, a: argparse.Namespace) -> Result | None:
             res.rows = b.read(proc.stdout)
         except ValueError as e:
             res.error = f"unreadable output: {e}"
+    if a.outputs and not res.error:
+        Path(a.outputs).mkdir(parents=True, exist_ok=True)
+        saved = {"command": args, "seconds": seconds, "stdout": proc.stdout, "load": os.getloadavg()[0]}
+        (Path(a.outputs) / f"{b.name}.json").write_text(json.dumps(saved))
     if res.error:
         print(f"   FAILED ({res.error}) after {seconds:.0f} s\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     else:
@@ -447,24 +557,34 @@ def table(results: list[Result]) -> list[str]:
 def page(results: list[Result], a: argparse.Namespace, load: tuple[float, float], started: str) -> str:
     m = machine()
     cmd = "python benchmarks/run_all.py" + (" --quick" if a.quick else "") + f" --threads {a.threads}"
+    how = (
+        f"- Commit: {m['commit']}; the parts were run separately (`--outputs`, page written with "
+        f"`--page-from`) on {started[:10]}: each table below gives its own load average at start and end."
+        if a.page_from
+        else f"- Commit: {m['commit']}, run started {started}, took {sum(r.seconds for r in results) / 60:.0f} "
+        f"min\n- Load average (1 min) at the start {load[0]:.1f}, at the end {load[1]:.1f}."
+    )
     out = [
         "# Benchmarks",
         "",
-        "Written by `benchmarks/run_all.py` from what the benchmark scripts printed in one run; do not edit "
-        "by hand. Each script alternates its sides (A B A B) in fresh processes, drops warm-up steps and "
-        "quotes medians; the ratios are from this one run. Every side of every comparison runs with the "
-        f"same torch threads ({a.threads}, `OMP_NUM_THREADS`/`ALIGNLOOP_THREADS`, `OMP_WAIT_POLICY=PASSIVE`) "
-        "and fp32 (TRL gets `bf16=False`; its default bf16 is ~10x slower on this CPU).",
+        "Written by `benchmarks/run_all.py` from what the benchmark scripts printed; do not edit by hand. "
+        "The rules every comparison follows are in `benchmarks/README.md`: each side in its own fresh "
+        "process after the same imports, on the same data, lengths, batch, epochs and precision (fp32; TRL "
+        "gets `bf16=False`), with the options that change the work set the same way and printed by each "
+        "benchmark next to its ratio; sides alternated A B A B, warm-up dropped, medians; peak memory is "
+        "each process's own RSS high-water mark (VmHWM). Every side runs with the same torch threads "
+        f"({a.threads}, `OMP_NUM_THREADS`/`ALIGNLOOP_THREADS`, `OMP_WAIT_POLICY=PASSIVE`).",
         "",
         f"- Machine: {m['cpu']}, {m['memory']} RAM, {m['os']}, Python {m['python']}",
-        f"- Libraries: {m['libraries']}",
-        f"- Commit: {m['commit']}, run started {started}, took {sum(r.seconds for r in results) / 60:.0f} min",
-        f"- Load average (1 min) at the start {load[0]:.1f}, at the end {load[1]:.1f}: the machine is shared, "
-        "so single absolute times drift; read the ratios.",
+        f"- Libraries (this interpreter; the reward and DPO tables print both sides' own): {m['libraries']}",
+        how,
+        "- The machine is shared (2 cores, up to 8 engineers): wall-clock times drift with the load, so "
+        "read the ratios, and where the load average was far above the core count, the CPU-time ratios "
+        "(each process's CPU seconds per step, read the same way on both sides).",
         f"- Reproduce: `{cmd}` (`--only ppo,dpo` for some of them; each script also runs alone, "
         "`--help` for its knobs)",
         "",
-        "## Targets (issue 14)",
+        "## Targets (issues 14 and 30)",
         "",
         *table(results),
         "",
@@ -503,6 +623,10 @@ def main() -> int:
     ap.add_argument("--only", help="comma-separated benchmark names: " + ",".join(b.name for b in BENCHES))
     ap.add_argument("--threads", type=int, default=None, help="torch threads for every side (default: "
                     "all cores, or 1 when the load average exceeds them)")  # fmt: skip
+    ap.add_argument("--outputs", help="also save each benchmark's output to DIR/<name>.json")
+    ap.add_argument(
+        "--page-from", help="write the page from outputs saved by --outputs in DIR (parts run separately)"
+    )
     ap.add_argument("--demo-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.demo_child:
@@ -521,7 +645,7 @@ def main() -> int:
     print()
     print("\n".join(table(results)))
     failed = [r.bench.name for r in results if r.error]
-    if not a.no_write and not a.only and not a.quick:
+    if not a.no_write and (a.page_from or not a.only) and not a.quick:
         DOC.write_text(page(results, a, (load0, load1), started) + "\n")
         print(f"\nwrote {DOC.relative_to(ROOT)}")
     if failed:

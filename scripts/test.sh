@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 PY="$VENV/bin/python"
 "$PY" -m ruff check .
-"$PY" -m pytest -q --timeout=1800 "$@"
+"$PY" -m pytest -q --timeout=1800 --durations=40 "$@"

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -218,3 +219,98 @@ def browser(chromium_path):
         b = pw.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+# Names that once broke the reports (matplotlib parsed "$...$" as mathtext): each must be shown
+# as typed, and the 200-character one must not overlap anything.
+HOSTILE_NAMES = ["$\\x$", "$a$ $b$", "\\n", "line\nbreak", "L" + "o" * 197 + "ng"]
+
+
+@pytest.fixture()
+def hostile_names() -> list[str]:
+    """:data:`HOSTILE_NAMES`: ``$\\x$``, ``$a$ $b$``, a literal ``\\n``, a real newline, 200 characters."""
+    return list(HOSTILE_NAMES)
+
+
+@pytest.fixture()
+def text_overlaps():
+    """``text_overlaps(fig)``: pairs of visible texts of a matplotlib figure whose drawn boxes
+    overlap (by more than a pixel each way), after drawing it as the reports save it. Two numbers
+    (an x and a y tick label meeting at an axes corner) are matplotlib's own layout, not counted."""
+
+    def number(text: str) -> bool:
+        try:
+            float(text.replace("\u2212", "-"))
+            return True
+        except ValueError:
+            return False
+
+    def find(fig) -> list[tuple[str, str]]:
+        from matplotlib.text import Text
+
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        boxes = [
+            (t.get_text(), t.get_window_extent(renderer))
+            for t in fig.findobj(Text)
+            if t.get_visible() and t.get_text().strip()
+        ]
+        out = []
+        for i, (a, ba) in enumerate(boxes):
+            for b, bb in boxes[i + 1 :]:
+                w = min(ba.x1, bb.x1) - max(ba.x0, bb.x0)
+                h = min(ba.y1, bb.y1) - max(ba.y0, bb.y0)
+                if w > 1 and h > 1 and not (number(a) and number(b)):
+                    out.append((a, b))
+        return out
+
+    return find
+
+
+@pytest.fixture()
+def app_login():
+    """``app_login(client, token) -> csrf``: log an HTTP client (TestClient or httpx) in as a
+    browser does: open the login link (the confirmation page), post its form from the same
+    origin; returns the session's CSRF token (read from the next page's forms)."""
+    import re
+
+    def login(client, token: str, origin: str = "http://testserver") -> str:
+        page = client.get("/login", params={"token": token})
+        assert page.status_code == 200, page.text[:300]
+        nonce = re.search(r'name="nonce" value="([^"]+)"', page.text).group(1)
+        r = client.post(
+            "/login",
+            data={"token": token, "nonce": nonce},
+            headers={"Origin": origin},
+            follow_redirects=False,
+        )
+        assert r.status_code == 303, r.text[:300]
+        home = client.get("/", follow_redirects=True)
+        found = re.search(r'name="csrf_token" value="([^"]+)"', home.text)
+        assert found, home.text[:300]
+        return found.group(1)
+
+    return login
+
+
+def store_dump(db_url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table of the labelling store, in primary-key order: "nothing changed"
+    is ``store_dump(db)`` before == after."""
+    from sqlalchemy import select
+
+    from alignloop.feedback import store as st
+    from alignloop.feedback.models import Base
+
+    engine = st.open_store(db_url)
+    out = {}
+    with engine.connect() as conn:
+        for table in Base.metadata.sorted_tables:
+            rows = conn.execute(select(table).order_by(*table.primary_key.columns)).all()
+            out[table.name] = [tuple(r) for r in rows]
+    return out
+
+
+@pytest.fixture()
+def dump():
+    """:func:`store_dump` as a fixture (test modules cannot import a conftest by name safely)."""
+    return store_dump

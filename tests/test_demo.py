@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
+from alignloop.runs import read_metrics_log
+
 pytestmark = pytest.mark.slow
 
 WORLD = (
@@ -27,6 +29,7 @@ needs_world = pytest.mark.skipif(
 # a demo small enough for a browser test: a few sets, one labeller per set, a couple of PPO steps
 SMALL = [
     "prompts.n_train=3", "prompts.n_eval=4", "generate.k=3", "generate.sampling.max_new_tokens=12",
+    "generate.distinct=8",  # three distinct texts a set (repeats are collapsed at import: ranks 1, 2, F need 3)
     "label.per_set=1", "label.invite=[ada]", "label.poll_seconds=0.3", "reward.train.epochs=1",
     "ppo.config.steps=2", "ppo.config.batch_size=4", "ppo.config.minibatch_size=2", "ppo.variants={}",
     "dpo.config.max_steps=2", "dpo.config.batch_size=2", "evaluate.samples_per_prompt=1",
@@ -71,7 +74,9 @@ def test_demo_human_labels_in_the_browser_then_continues_to_a_report(tmp_path, b
                 break
             except Exception:
                 time.sleep(0.2)
-        page.click("#acknowledge")
+        page.click("#login")  # the link asks first; a same-origin POST logs in
+        page.wait_for_url(lambda url: "/login" not in url)
+        page.click("#acknowledge")  # acknowledging reserves the first set
         page.wait_for_url("**/label")
         labelled = 0
         while page.locator("#all-done").count() == 0:
@@ -154,6 +159,27 @@ def test_demo_killed_midway_resumes_without_redoing_stages_and_shows_the_loop_wo
     assert f"flagged labellers: {confused[0]}" in out
     assert re.search(r"ppo-beta0: reward hacking flagged", out)
     assert "report:" in out and (run / "evaluate" / "report.html").is_file()
+    # issue 27: the report puts over-optimisation and the runs' reward-hacking warnings in front of the reader
+    page = (run / "evaluate" / "report.html").read_text()
+    over = page[page.index("<h2>Over-optimization</h2>") :]
+    over = over[: over.index("<h2>", 1)]
+    assert '<img alt="proxy and gold score against sqrt(KL)" src="data:image/png;base64,' in over
+    for name in ("ppo", "ppo-beta0"):  # PPO's snapshots (snapshot_every: 10): the step where gold peaks
+        assert re.search(rf"<li>{name}: gold peaks at sqrt\(KL\) = [0-9.]+ \(step \d+\), gold ", over), name
+    curves = evaluation["overoptimization"]["series"]
+    assert [p["step"] for p in curves["ppo"]] == list(range(0, 61, 10))  # the base, then a snapshot every 10
+    warnings = page[page.index('<section id="warnings">') :]
+    warnings = warnings[: warnings.index("</section>")]
+    assert "<td>ppo-beta0</td>" in warnings  # the beta = 0 run's warnings, counted, first and last step
+
+    # TensorBoard is in the default install (CI installs by the README's set-up) and on by default
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for stage in ("reward", "ppo", "dpo"):
+        acc = EventAccumulator(str(run / stage / "tensorboard"))
+        acc.Reload()
+        steps = {r["step"] for r in read_metrics_log(run / stage)}
+        assert {e.step for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)} >= steps, stage
 
 
 @needs_world
@@ -164,8 +190,10 @@ def test_ai_labelled_loop_trains_the_reward_model_on_soft_pairs(tmp_path):
     out = tmp_path / "run"
     run_recipe(
         RECIPES / "demo.yaml", out=out,
-        overrides=[*SMALL, "label.mode=ai", "stages=[prompts, generate, label, export, reward]"],
+        overrides=[*SMALL, "label.mode=ai", "label.swap=true", "stages=[prompts, generate, label, export, reward]"],
     )  # fmt: skip
+    label = json.loads((out / "label" / "metrics.json").read_text())  # both orders asked: the bias measured
+    assert label["ai_pairs"] == 9 and -50 <= label["position_bias_points"] <= 50
     pairs = [json.loads(x) for x in (out / "export" / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 3 * 3  # 3 sets of k=3: every two completions, soft-labelled
     assert all(p["labellers"] == ["ai-judge"] and 0.0 <= p["weight"] <= 1.0 for p in pairs)

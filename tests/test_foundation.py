@@ -10,6 +10,7 @@ from pydantic import Field
 from alignloop.cli import build_parser
 from alignloop.config import Config, load_config
 from alignloop.errors import UserError
+from alignloop.loop import RECIPES, load_recipe
 from alignloop.records import JsonlAppender, Pair, Prompt, read, read_records, write_jsonl
 from alignloop.runs import read_metrics_log, start_stage
 
@@ -64,6 +65,32 @@ def test_unknown_key_names_nearest():
     with pytest.raises(UserError) as e:
         load_config(Outer, data={"learnig_rate": 1.0}, where="r.yaml")
     assert "in r.yaml" in str(e.value) and "'learning_rate'" in str(e.value)
+
+
+def test_set_into_a_section_keeps_the_sections_tuned_defaults():
+    from alignloop.cai.pipeline import PPO_DEFAULTS, CAIConfig
+
+    tuned = CAIConfig()
+    cfg = load_config(CAIConfig, overrides=["ppo.steps=5", "reward.epochs=1", "revise.rounds=2"])
+    assert cfg.ppo.steps == 5 and cfg.reward.epochs == 1 and cfg.revise.rounds == 2
+    # everything else stays as tuned (was: PPO's generic adaptive KL and lr, hard reward labels)
+    assert cfg.ppo.model_dump(exclude={"steps"}) == tuned.ppo.model_dump(exclude={"steps"})
+    assert cfg.ppo.kl.beta == PPO_DEFAULTS["kl"]["beta"] and cfg.ppo.kl.adaptive is False
+    assert cfg.reward.model_dump(exclude={"epochs"}) == tuned.reward.model_dump(exclude={"epochs"})
+    assert cfg.reward.labels == "soft" and cfg.revise.samples == tuned.revise.samples
+    # a file naming part of a section merges the same way
+    assert load_config(CAIConfig, data={"ppo": {"kl": {"target": 3.0}}}).ppo.kl.beta == 0.3
+
+
+def test_nested_set_that_misses_names_set_and_the_full_key():
+    with pytest.raises(UserError) as e:
+        load_recipe(RECIPES / "demo.yaml", ["ppo.kl.beta=0.05"])
+    assert e.value.line() == (
+        "unknown config key 'ppo.kl' in --set ppo.kl.beta=0.05: did you mean 'ppo.config.kl.beta'?"
+    )
+    with pytest.raises(UserError) as e:  # a bad value given by --set blames the --set, not the recipe
+        load_recipe(RECIPES / "demo.yaml", ["ppo.config.steps=-1"])
+    assert "in --set ppo.config.steps=-1" in e.value.line() and "demo.yaml" not in e.value.line()
 
 
 def test_bad_value_is_one_line():
@@ -158,3 +185,42 @@ def test_unchanged_since_sees_config_and_input_changes(tmp_path):
     assert unchanged_since(tmp_path / "stage", Outer(learning_rate=1.0)) is False
     write_jsonl(data, [Prompt(id="1", prompt="changed")])
     assert unchanged_since(tmp_path / "stage", Outer()) is False
+
+
+def test_a_standalone_stage_writes_its_manifest_beside_its_output_file(cli, tmp_path):
+    from alignloop.runs import sha256_path
+    from alignloop.world import model_path
+
+    prompts = tmp_path / "p.jsonl"
+    assert cli("world", "prompts", "--split", "eval", "--n", "3", "--out", prompts)[0] == 0
+    m = json.loads((tmp_path / "p.jsonl.manifest.json").read_text())
+    assert m["stage"] == "world prompts" and m["status"] == "complete" and m["config"]["n"] == 3
+    assert json.loads((tmp_path / "p.jsonl.metrics.json").read_text())["records"] == 3
+    sets = tmp_path / "s.jsonl"
+    code, _, err = cli("-q", "generate", "--model", "world:base", "--prompts", prompts, "--k", "2",
+                       "--max-new-tokens", "4", "--out", sets)  # fmt: skip
+    assert code == 0, err
+    m = json.loads((tmp_path / "s.jsonl.manifest.json").read_text())
+    # a world model gets its content hash, not sha256: null
+    assert m["inputs"]["model"]["sha256"] == sha256_path(model_path("base"))
+    assert m["inputs"]["prompts"]["sha256"] == sha256_path(prompts)
+
+
+def test_a_recipe_run_summarises_every_stage_even_when_one_fails(tmp_path):
+    from alignloop.loop import run_recipe
+
+    good = tmp_path / "good.yaml"
+    good.write_text("name: g\nstages: [prompts]\nprompts: {n_train: 2, n_eval: 2}\n")
+    summary = run_recipe(good, out=tmp_path / "g")
+    stages = json.loads((tmp_path / "g" / "summary.json").read_text())["stages"]
+    assert stages == summary["stages"] and stages["prompts"]["status"] == "complete"
+    assert stages["prompts"]["outputs"] == ["eval.jsonl", "metrics.json", "train.jsonl"]
+    assert isinstance(stages["prompts"]["seconds"], float)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        f"name: b\nstages: [prompts]\nprompts: {{source: files, train: {tmp_path}/no.jsonl, eval: x}}\n"
+    )
+    with pytest.raises(UserError):
+        run_recipe(bad, out=tmp_path / "b")
+    stages = json.loads((tmp_path / "b" / "summary.json").read_text())["stages"]
+    assert stages["prompts"]["status"] == "failed" and "no.jsonl" in stages["prompts"]["error"]

@@ -30,6 +30,12 @@ FAST_PPO = [
     "ppo.config.steps=2", "ppo.config.batch_size=4", "ppo.config.minibatch_size=2", "ppo.config.ppo_epochs=1",
     "ppo.config.sampling.max_new_tokens=6", "ppo.config.checkpoint_every=1",
 ]  # fmt: skip
+FAST_GRPO = [
+    "grpo.config.steps=2", "grpo.config.batch_size=4", "grpo.config.group_size=2", "grpo.config.minibatch_size=2",
+    "grpo.config.epochs=1", "grpo.config.sampling.max_new_tokens=6", "grpo.config.algorithm=rloo",
+]  # fmt: skip
+FAST_FAMILY = ["steps=2", "batch_size=4", "group_size=2", "minibatch_size=2", "sampling.max_new_tokens=6",
+               "checkpoint_every=1", "score_norm_samples=4"]  # fmt: skip
 FAST_EVAL = ["evaluate.samples_per_prompt=1", "evaluate.n_boot=50", "evaluate.max_new_tokens=6"]
 
 
@@ -91,12 +97,15 @@ def test_gpt2_imdb_sentiment_with_tiny_gpt2(tmp_path, tiny_gpt2, tiny_classifier
         overrides=[
             f"policy={tiny_gpt2}", f"prompts.train={tmp_path / 'imdb-train.csv'}",
             f"prompts.eval={tmp_path / 'imdb-test.csv'}", f"reward.spec={tiny_classifier}:nothate", *FAST_PPO, *FAST_EVAL,
+            "stages=[prompts,ppo,grpo,evaluate]", *FAST_GRPO,  # the critic-free stage beside PPO
         ],
     )  # fmt: skip
     prompts = [json.loads(x) for x in (out / "prompts" / "train.jsonl").read_text().splitlines()]
     assert all(len(p["prompt"].split()) <= 8 for p in prompts)
-    ev = _report_ok(out, {"base", "ppo"})
-    assert "reward" in ev["policies"]["ppo"]["metrics"]
+    ev = _report_ok(out, {"base", "ppo", "grpo"})
+    assert "reward" in ev["policies"]["ppo"]["metrics"] and "reward" in ev["policies"]["grpo"]["metrics"]
+    grpo = json.loads((out / "grpo" / "manifest.json").read_text())
+    assert grpo["stage"] == "rloo" and json.loads((out / "grpo" / "metrics.json").read_text())["steps"] == 2
 
 
 def test_hh_rlhf_with_tiny_gpt2(tmp_path, tiny_gpt2, tiny_classifier):
@@ -113,14 +122,20 @@ def test_hh_rlhf_with_tiny_gpt2(tmp_path, tiny_gpt2, tiny_classifier):
             f"policy={tiny_gpt2}", f"prompts.train={data}", f"prompts.eval={data}", f"export.import_pairs={data}",
             f"reward.train.model={tiny_gpt2}", "reward.train.epochs=1", f"evaluate.toxicity={tiny_classifier}",
             "dpo.config.max_steps=2", "dpo.config.batch_size=4", *FAST_PPO, *FAST_EVAL,
+            "stages=[prompts,export,reward,ppo,grpo,online_dpo,dpo,ilql,evaluate]", "ilql.data=pairs",
+            "ilql.config.max_steps=2", "ilql.config.batch_size=4", "grpo.variants.rloo=[algorithm=rloo]",
+            *(f"{s}.config.{k}" for s in ("grpo", "online_dpo") for k in FAST_FAMILY),
         ],
     )  # fmt: skip
     export = json.loads((out / "export" / "metrics.json").read_text())
     assert export == {"pairs": 6, "skipped": 1}
+    assert json.loads((out / "ilql" / "metrics.json").read_text())["episodes"] == 12  # 6 pairs, +1 / -1
     pairs = [json.loads(x) for x in (out / "export" / "pairs.jsonl").read_text().splitlines()]
-    assert pairs[0]["prompt"].endswith("\n\nAssistant:") and pairs[0]["chosen"] == "a dog is a good cat ."
+    assert (
+        pairs[0]["prompt"].endswith("\n\nAssistant:") and pairs[0]["chosen"] == " a dog is a good cat ."
+    )  # the exact continuation (TRL)
     assert (out / "reward" / "config.json").is_file()
-    _report_ok(out, {"base", "ppo", "dpo"})
+    _report_ok(out, {"base", "ppo", "grpo", "rloo", "online_dpo", "dpo", "ilql"})
 
 
 def test_export_method_names_match_feedback_export(tmp_path):
@@ -134,3 +149,14 @@ def test_export_method_names_match_feedback_export(tmp_path):
     assert load_recipe(demo, ["export.method=ranked_pairs"]).export.method == "tideman"
     with pytest.raises(UserError, match="tideman"):
         load_recipe(demo, ["export.method=borda"])
+
+
+def test_lab3_miniature_halves_the_toxicity_of_the_summaries(tmp_path):
+    """recipes/lab3-miniature.yaml as shipped: the course lab's claim (toxicity falls >= 50%
+    relative) on the world's summariser and toxicity classifier, no network, no GPU."""
+    summary = run_recipe(RECIPES / "lab3-miniature.yaml", out=tmp_path / "lab3")
+    metrics = {n: p["metrics"] for n, p in summary["evaluation"]["policies"].items()}
+    before, after = metrics["base"]["toxicity"]["mean"], metrics["ppo"]["toxicity"]["mean"]
+    print(f"lab3 miniature: toxicity {before:.3f} -> {after:.3f} ({1 - after / before:.0%} lower)")
+    assert before >= 0.2 and after <= 0.5 * before, (before, after)
+    assert all(s["status"] == "complete" for s in summary["stages"].values()), summary["stages"]

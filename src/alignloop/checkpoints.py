@@ -35,10 +35,22 @@ def file_sha256(path: Path) -> str:
 def write_folder(final: Path, write: Callable[[Path], None], info: dict[str, Any]) -> None:
     """Call ``write(tmp)`` on a fresh hidden folder, record each file's size and SHA-256 in its
     ``state.json`` (with ``info``), fsync everything and rename it to ``final``."""
+    tmp = fresh_folder(final)
+    write(tmp)
+    seal_folder(tmp, final, info)
+
+
+def fresh_folder(final: Path) -> Path:
+    """The empty hidden folder that becomes ``final`` once sealed."""
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    return tmp
+
+
+def seal_folder(tmp: Path, final: Path, info: dict[str, Any]) -> None:
+    """Record each file of ``tmp`` (size, SHA-256) in its ``state.json`` with ``info``, fsync, and
+    rename it to ``final`` (several processes may have written into ``tmp``: one seals it)."""
     files = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in sorted(tmp.iterdir())}
     write_json_atomic(tmp / "state.json", {**info, "files": files})
     for f in tmp.iterdir():  # on disk before the rename makes them the checkpoint
@@ -51,11 +63,20 @@ def write_folder(final: Path, write: Callable[[Path], None], info: dict[str, Any
 def write_step(root: Path, step: int, write: Callable[[Path], None], info: dict[str, Any], keep: int) -> Path:
     """``root/step-<step>`` written by :func:`write_folder`; then only the newest ``keep`` step folders
     stay (the older kept one is the fallback when the newest is found damaged)."""
-    final = root / f"step-{step:08d}"
+    final = step_folder(root, step)
     write_folder(final, write, info)
+    prune(root, keep)
+    return final
+
+
+def step_folder(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` step folders of ``root``."""
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def verify_folder(folder: Path) -> dict[str, Any]:
@@ -101,3 +122,19 @@ def newest_intact(root: Path, check: Callable[[Path], T], trainer: str) -> tuple
             "run without --resume to start over",
         )
     return None
+
+
+def truncate_metrics_log(folder: Path, step: int) -> None:
+    """Drop ``folder/metrics.jsonl`` rows logged after ``step`` (a resumed run logs them again);
+    a torn last line from a kill is dropped too."""
+    p = folder / "metrics.jsonl"
+    if not p.is_file():
+        return
+    keep = []
+    for line in p.read_text().splitlines():
+        try:
+            if line.strip() and json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            pass
+    p.write_text("".join(x + "\n" for x in keep))

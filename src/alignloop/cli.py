@@ -17,7 +17,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from alignloop import __version__
 from alignloop.errors import UserError
-from alignloop.runs import set_quiet
 
 # Each command name -> the module that registers it, in the order of the loop. A module that does
 # not exist (yet) is left out.
@@ -31,7 +30,10 @@ COMMANDS = {
     "feedback": "alignloop.commands.feedback",
     "reward": "alignloop.commands.reward",
     "ppo": "alignloop.commands.ppo",
+    "grpo": "alignloop.commands.grpo",
+    "rloo": "alignloop.commands.grpo",
     "dpo": "alignloop.commands.dpo",
+    "ilql": "alignloop.commands.ilql",
     "cai": "alignloop.commands.cai",
     "evaluate": "alignloop.commands.evaluate",
     "serve": "alignloop.commands.serve",
@@ -46,6 +48,7 @@ the loop:
   alignloop feedback export --db sqlite:///labels.db --out pairs.jsonl
   alignloop reward train --model M --pairs pairs.jsonl --out rm/
   alignloop ppo --policy M --reward rm/ --prompts P --out ppo/ --lora
+  alignloop grpo --policy M --reward rm/ --prompts P --out grpo/ --lora   (or rloo: no value model)
   alignloop evaluate --policy M --policy ppo/ --prompts P --out eval/
 
 run 'alignloop COMMAND --help' for a command's options and an example.
@@ -62,7 +65,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"alignloop {__version__}")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or chatter")
+    parser.add_argument("--quiet", "-q", action="store_true", help="errors and the final summary only")
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="also show third-party warnings, logs and bars"
+    )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     modules = [COMMANDS[only]] if only in COMMANDS else COMMAND_MODULES
     for name in modules:
@@ -81,13 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     first = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(first)
     args = parser.parse_args(argv)
-    set_quiet(bool(getattr(args, "quiet", False)))
+    from alignloop.console import configure
+
+    configure(quiet=bool(getattr(args, "quiet", False)), verbose=bool(getattr(args, "verbose", False)))
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()
         return 2
+    from alignloop import tracking
+
     try:
-        code = func(args)
+        with tracking.scoped():  # --report-to holds for this command, not for the next main() in-process
+            if getattr(args, "report_to", None) is not None:
+                tracking.configure(args.report_to)
+            code = func(args)
     except UserError as e:
         print(f"alignloop: error: {e.line()}", file=sys.stderr)
         return 2

@@ -7,7 +7,11 @@ rejected with a message that names the key and the nearest valid one::
     ...     learning_rate: float = 1e-5
     >>> load_config(PPO, overrides=["learnig_rate=3e-5"])
     Traceback (most recent call last):
-    UserError: unknown config key 'learnig_rate' in --set: did you mean 'learning_rate'?
+    UserError: unknown config key 'learnig_rate' in --set learnig_rate=3e-5: did you mean 'learning_rate'?
+
+A section named partly (``--set ppo.steps=5``, or ``ppo: {steps: 5}`` in a file) keeps the
+section's own defaults for the keys not named: a section whose default sets tuned values (e.g.
+``CAIConfig.ppo``) keeps them.
 """
 
 from __future__ import annotations
@@ -98,8 +102,93 @@ def load_config(
     if data:
         merged.update(_deep_copy(data))
     overrides = list(overrides)
-    merged = apply_overrides(merged, overrides)
-    return validate(cls, merged, where or ("--set" if overrides else "config"))
+    for text in overrides:
+        check_override(cls, text)
+    merged = with_section_defaults(cls, apply_overrides(merged, overrides))
+    try:
+        return cls.model_validate(merged)
+    except ValidationError as e:
+        loc = [str(x) for x in e.errors()[0]["loc"] if not isinstance(x, int)]
+        culprit = next((t for t in reversed(overrides) if _same_branch(parse_override(t)[0], loc)), None)
+        source = f"--set {culprit}" if culprit else where or ("--set" if overrides else "config")
+        raise config_error(cls, e, source) from None
+
+
+def _same_branch(a: list[str], b: list[str]) -> bool:
+    """One key path is a prefix of the other (``ppo.config`` and ``ppo.config.kl.beta``)."""
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
+
+
+def with_section_defaults(cls: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with each section it names (a nested config) merged over that section's default.
+
+    Only the values the default set explicitly are merged in (``exclude_unset``), so the result
+    validates to the same object as writing those tuned values out, and ``model_fields_set``
+    still tells what a user (or a tuned default) chose.
+    """
+    out = dict(data)
+    for name, value in data.items():
+        field = cls.model_fields.get(name)
+        sub = _model_in(field.annotation) if field is not None else None
+        if sub is None or not isinstance(value, dict):
+            continue
+        default = field.get_default(call_default_factory=True, validated_data={})
+        base = default.model_dump(exclude_unset=True) if isinstance(default, BaseModel) else {}
+        out[name] = with_section_defaults(sub, _deep_merge(base, value))
+    return out
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = _deep_copy(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def check_override(cls: type[BaseModel], text: str) -> None:
+    """Raise a :class:`UserError` naming ``--set`` when ``text``'s key is not in ``cls``'s schema,
+    with the nearest full key (``ppo.kl.beta`` -> ``did you mean 'ppo.config.kl.beta'?``)."""
+    keys, _ = parse_override(text)
+    model: Any = cls
+    for i, k in enumerate(keys):
+        if not _is_model(model):
+            return  # a mapping or a value below here: the validation judges it
+        field = model.model_fields.get(k)
+        if field is None:
+            if model.model_config.get("extra") != "forbid":
+                return
+            raise UserError(
+                f"unknown config key '{'.'.join(keys[: i + 1])}'", f"--set {text}", _suggest(cls, keys, i)
+            )
+        model = _model_in(field.annotation)
+
+
+def _suggest(cls: type[BaseModel], keys: list[str], bad: int) -> str:
+    """The full key the user most likely meant: one that ends with the keys from the bad one on
+    (``kl.beta``) below the part that was right (``ppo``), else the closest full key."""
+    paths = all_keys(cls)
+    head, tail = ".".join(keys[:bad]), ".".join(keys[bad:])
+    ends = [p for p in paths if p.startswith(head) and (p == tail or p.endswith("." + tail))]
+    if not ends:
+        ends = [p for p in paths if p.startswith(head) and p.endswith("." + keys[-1])]
+        ends = difflib.get_close_matches(".".join(keys), ends, n=1, cutoff=0.0) if ends else []
+    close = ends[:1] or difflib.get_close_matches(".".join(keys), paths, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    valid = valid_keys(cls, keys[:bad])
+    return f"valid keys here: {', '.join(sorted(valid))}" if valid else "see the config's keys"
+
+
+def all_keys(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of ``cls``'s schema, sections and their keys (``ppo.config.kl.beta``)."""
+    out: list[str] = []
+    for name, field in cls.model_fields.items():
+        out.append(prefix + name)
+        sub = _model_in(field.annotation)
+        if sub is not None:
+            out += all_keys(sub, f"{prefix}{name}.")
+    return out
 
 
 def validate(cls: type[C], data: dict[str, Any], where: str) -> C:
@@ -114,14 +203,7 @@ def config_error(cls: type[BaseModel], err: ValidationError, where: str) -> User
     loc = [str(x) for x in first["loc"] if not isinstance(x, int)]
     dotted = ".".join(loc)
     if first["type"] == "extra_forbidden":
-        valid = valid_keys(cls, loc[:-1])
-        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-        fix = (
-            f"did you mean '{'.'.join(loc[:-1] + close)}'?"
-            if close
-            else f"valid keys here: {', '.join(sorted(valid))}"
-        )
-        return UserError(f"unknown config key '{dotted}'", where, fix)
+        return UserError(f"unknown config key '{dotted}'", where, _suggest(cls, loc, len(loc) - 1))
     if first["type"] == "missing":
         return UserError(f"missing config key '{dotted}'", where, "add it to the config or pass --set")
     value = first.get("input")

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -43,6 +43,12 @@ class SamplingSettings(Config):
     max_new_tokens: int = 64
     stop_at_eos: bool = True
     do_sample: bool = True
+    # who samples (alignloop.generation_backends): the live model through transformers, a vLLM engine
+    # (CUDA), or auto (vLLM when installed and a GPU is there)
+    backend: Literal["transformers", "vllm", "auto"] = "transformers"
+
+
+OnStep = Callable[[Tensor], bool]  # (B,) tokens of one step -> stop sampling now?
 
 
 @dataclass
@@ -271,6 +277,7 @@ def _causal_loop(
     pad_id: int,
     stop: Tensor,
     seeds: list[int],
+    on_step: OnStep | None = None,
 ) -> Tensor:
     """Returns (B, T) new tokens (``pad_id`` after a row has stopped)."""
     from transformers import DynamicCache
@@ -302,6 +309,8 @@ def _causal_loop(
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(T):
         tok = _sample_step(logits, t, rows, done, tokens, settings, u, pad_id)
+        if on_step is not None and on_step(tokens[:, t]):
+            return tokens[:, : t + 1]
         if t + 1 == T:
             break
         keep = _rows_to_keep(tok, done, stop, cache) if settings.stop_at_eos else None
@@ -328,6 +337,7 @@ def _seq2seq_loop(
     pad_id: int,
     stop: Tensor,
     seeds: list[int],
+    on_step: OnStep | None = None,
 ) -> Tensor:
     """Encoder once, then the decoder one token at a time with its cache. Returns (B, T)."""
     from transformers import DynamicCache, EncoderDecoderCache
@@ -360,6 +370,8 @@ def _seq2seq_loop(
             use_cache=True,
         )
         tok = _sample_step(out.logits[:, -1], t, rows, done, tokens, settings, u, pad_id)
+        if on_step is not None and on_step(tokens[:, t]):
+            return tokens[:, : t + 1]
         keep = _rows_to_keep(tok, done, stop, cache) if settings.stop_at_eos and t + 1 < T else None
         if keep is not None:
             if len(keep) == 0:
@@ -417,6 +429,7 @@ def sample(
     settings: SamplingSettings | None = None,
     seed: int | Sequence[int] = 0,
     engine: str = "auto",
+    on_step: OnStep | None = None,
 ) -> Samples:
     """Sample one response per prompt, as one batch.
 
@@ -428,6 +441,9 @@ def sample(
             prompts -> same tokens, whatever the batch. (``engine="hf"`` seeds torch's RNG with
             ``seed`` instead, so there the batch matters.)
         engine: ``"torch"`` our KV-cache loop, ``"hf"`` ``model.generate``, ``"auto"`` = torch.
+        on_step: called after every step with the ``(B,)`` tokens just drawn (``pad`` for a row that
+            has stopped); returning True ends sampling there, every row keeping what it has (a server
+            streams text with it, and stops once each row has met a stop string). Torch engine only.
 
     Prompts longer than the context (less ``max_new_tokens``) are cut to fit, keeping their end
     for causal models (flagged in ``Samples.truncated``); nothing here raises on long input.
@@ -466,30 +482,64 @@ def sample(
     try:
         with torch.inference_mode():
             if engine == "hf":
+                if on_step is not None:
+                    raise ValueError("on_step needs the torch engine")
                 first = seed if isinstance(seed, int) else (seed[0] if seed else 0)
                 new = _hf_generate(model, ids, settings, pad_id, stop_list, int(first) & 0x7FFFFFFF)
             else:
                 loop = _seq2seq_loop if seq2seq else _causal_loop
-                new = loop(model, ids, settings, pad_id, stop, seeds)
+                new = loop(model, ids, settings, pad_id, stop, seeds, on_step)
     finally:
         model.train(was_training)
     return _collect(
-        tokenizer, ids, new.tolist(), set(stop_list) if settings.stop_at_eos else set(), truncated
+        tokenizer, ids, new.tolist(), set(stop_list) if settings.stop_at_eos else set(), truncated, seq2seq
     )
 
 
 def _collect(
-    tokenizer: Any, prompt_ids: list[list[int]], new: list[list[int]], stop: set[int], truncated: list[bool]
+    tokenizer: Any,
+    prompt_ids: list[list[int]],
+    new: list[list[int]],
+    stop: set[int],
+    truncated: list[bool],
+    seq2seq: bool = False,
 ) -> Samples:
-    """Cut each row after its first stop token; decode the text without it."""
+    """Cut each row after its first stop token; its text (without the stop token) is the exact
+    continuation of the prompt (:func:`continuation_texts`)."""
     responses, finished, shown = [], [], []
     for row in new:
         end = next((i for i, t in enumerate(row) if t in stop), None)
         responses.append(row if end is None else row[: end + 1])
         finished.append(end is not None)
         shown.append(row if end is None else row[:end])
-    texts = tokenizer.batch_decode(shown, skip_special_tokens=True)  # one call for the batch
-    return Samples(prompt_ids, responses, list(texts), finished, truncated)
+    texts = continuation_texts(tokenizer, prompt_ids, shown, seq2seq)
+    return Samples(prompt_ids, responses, texts, finished, truncated)
+
+
+def continuation_texts(
+    tokenizer: Any, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]], seq2seq: bool
+) -> list[str]:
+    """The text of each response as the continuation of its prompt, so ``prompt + text`` is the
+    text the model wrote (TRL's convention; see :func:`alignloop.records.full_text`).
+
+    Causal: ``decode(prompt + response)`` less ``decode(prompt)``, which keeps the leading space a
+    word-level or SentencePiece tokenizer drops when the response is decoded alone (``" not very
+    good ."``). Seq2seq (a new text, not a continuation): the decoded response, with a leading space
+    where the prompt's text ends without one. Decoding never cleans up spaces (``" ."`` stays).
+    """
+    from alignloop.records import continuation
+
+    def decode(rows: Sequence[Sequence[int]]) -> list[str]:
+        return tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    alone, prompts = decode(response_ids), decode(prompt_ids)
+    if seq2seq:
+        return [continuation(p, r) if r else r for p, r in zip(prompts, alone, strict=True)]
+    joint = decode([list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)])
+    return [
+        j[len(p) :] if j.startswith(p) else continuation(p, a)
+        for p, j, a in zip(prompts, joint, alone, strict=True)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,6 +595,9 @@ def _dataset_rows(name: str, split: str) -> list[dict[str, Any]]:
         import datasets
     except ImportError:
         raise UserError(f"{name!r} is not a file, and `datasets` is not installed") from None
+    from alignloop.hub import require_hub
+
+    require_hub(name, "dataset")  # not 20-50 s of retries when the hub is out of reach
     config = None
     if ":" in name:
         name, config = name.split(":", 1)
@@ -572,14 +625,21 @@ def load_prompts(
     split: str = "train",
     limit: int | None = None,
     skip_bad: bool = False,
+    tokenizer: Any = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Prompt records ``{"id", "prompt", ...other columns}`` from any table.
 
     ``template`` (e.g. ``"Summarize the following conversation.\\n\\n{dialogue}\\n\\nSummary:"``)
-    is filled from each row's columns; without it the prompt is ``row[prompt_column]``. A row
-    without an id column gets its row number. A missing column, an empty prompt or a duplicate id
-    is a UserError naming the row -- or, with ``skip_bad``, skipped and listed in ``problems``.
+    is filled from each row's columns; without it the prompt is ``row[prompt_column]``: a text or a
+    conversation (a list of messages, TRL's conversational format; kept as messages, checked as
+    :func:`alignloop.records.check_messages` does, and rendered once with ``tokenizer``'s chat template
+    when one is given, so a missing or raising template names its row). A row without an id column
+    gets its row number. A missing column, an empty prompt or a duplicate id is a UserError naming the
+    row -- or, with ``skip_bad``, skipped and listed in ``problems``.
     """
+    from alignloop.chat import prompt_text
+    from alignloop.records import check_messages, is_conversational
+
     rows = read_table(source, split)
     if limit is not None:
         rows = rows[:limit]
@@ -613,7 +673,16 @@ def load_prompts(
                         f"columns: {columns}; pass --prompt-column or --template",
                     )
                 text = row[prompt_column]
-            if not isinstance(text, str) or not text.strip():
+            if is_conversational(text):
+                try:
+                    check_messages(text, "prompt")
+                except ValueError as e:
+                    raise UserError(str(e), where, "fix the messages (or pass --skip-bad)") from None
+                if tokenizer is not None:
+                    prompt_text(
+                        tokenizer, text, where
+                    )  # the template renders it (or one line saying why not)
+            elif not isinstance(text, str) or not text.strip():
                 raise UserError("empty prompt", where, "remove the row or fill it in (or pass --skip-bad)")
             pid = row.get(id_column)
             pid = str(i) if pid is None or pid == "" else str(pid)
@@ -640,6 +709,43 @@ def _jsonable(v: Any) -> bool:
     return v is None or isinstance(v, (str, int, float, bool, list, dict))
 
 
+def _resample_repeats(
+    backend: Any,
+    chunk: list[dict[str, Any]],
+    k: int,
+    s: Samples,
+    settings: SamplingSettings,
+    seed: int,
+    rounds: int,
+) -> tuple[int, int, int]:
+    """Sample again, in place in ``s``, each completion whose text repeats an earlier one of its
+    prompt (rows ``j*k .. j*k+k-1`` belong to ``chunk[j]``), for at most ``rounds`` rounds.
+    Returns ``(completions resampled, sets still short of k distinct texts, new tokens)``."""
+    redone = tokens = 0
+    for r in range(1, rounds + 1):
+        redo: list[tuple[int, str, int]] = []  # (row, prompt, seed)
+        for j, p in enumerate(chunk):
+            seen: set[str] = set()
+            for n in range(k):
+                i = j * k + n
+                if s.texts[i] in seen:
+                    redo.append((i, p["prompt"], row_seed(seed, p["id"], n, "distinct", r)))
+                seen.add(s.texts[i])
+        if not redo:
+            break
+        again = backend.sample([x[1] for x in redo], settings, seed=[x[2] for x in redo])
+        tokens += again.new_tokens
+        redone += len(redo)
+        for m, (i, _, _) in enumerate(redo):
+            s.response_ids[i], s.texts[i], s.finished[i] = (
+                again.response_ids[m],
+                again.texts[m],
+                again.finished[m],
+            )
+    short = sum(len(set(s.texts[j * k : (j + 1) * k])) < k for j in range(len(chunk)))
+    return redone, short, tokens
+
+
 # ----------------------------------------------------------------------------------------------
 # `alignloop generate`: K completions per prompt, written as they are produced
 # ----------------------------------------------------------------------------------------------
@@ -657,23 +763,42 @@ def generate_completions(
     batch_size: int = 32,
     engine: str = "auto",
     device: str | None = None,
+    distinct: int = 0,
+    chat_template: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write one completion-set record per prompt to ``out`` (JSONL, appended as each batch ends).
+
+    A conversational prompt (a list of messages) is sampled from its chat-template rendering with the
+    generation prompt (its ids: :func:`alignloop.chat.prompt_ids`; ``chat_template``: a Jinja file replacing
+    the tokenizer's); its set keeps the messages, and each completion's text is the assistant's content
+    (the continuation without its surrounding whitespace), TRL's conversational completion.
+
+    ``distinct`` > 0: a completion whose text repeats an earlier one of its prompt is sampled again
+    (seed ``row_seed(seed, id, j, "distinct", round)``), for at most ``distinct`` rounds; the sets
+    still without ``k`` distinct texts are counted in ``short_sets`` (they stay as sampled: label
+    import collapses the repeats).
 
     Prompts already in ``out`` are skipped (resume). Completion ``j`` of prompt ``id`` samples with
     ``row_seed(seed, id, j)``, so a resumed (or ``--limit``-ed) run writes what an uninterrupted one
     would. Completion ids are
     ``f"{prompt_id}-{j}"``. Returns counts and speed: ``prompts``, ``written``, ``skipped_done``,
-    ``truncated``, ``unfinished`` (no EOS within max_new_tokens), ``new_tokens``, ``tokens_per_second``.
+    ``truncated``, ``unfinished`` (no EOS within max_new_tokens), ``new_tokens``, ``tokens_per_second``
+    and, with ``distinct``, ``resampled`` and ``short_sets``.
     """
+    from alignloop.chat import prompt_ids, prompt_text, use_chat_template
     from alignloop.models import load_lm
-    from alignloop.records import JsonlAppender
+    from alignloop.records import JsonlAppender, is_conversational
     from alignloop.runs import progress, say
 
     settings = settings or SamplingSettings()
     if k < 1:
         raise UserError(f"--k must be at least 1, got {k}")
+    from alignloop.generation_backends import make_backend, pick_backend
+
+    pick_backend(settings.backend)  # a backend this machine cannot run: one line before any loading
     model, tokenizer = load_lm(model_id, device=device)
+    use_chat_template(tokenizer, chat_template)
+    backend = make_backend(settings.backend, model, tokenizer, engine=engine, model_path=str(model_id))
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     if not seq2seq:
         from alignloop.models import context_length
@@ -685,6 +810,10 @@ def generate_completions(
                 fix=f"use at most {ctx - 1} (less leaves room for the prompt)",
             )
     per_batch = max(1, batch_size // k)
+
+    def answer(prompt: Any, text: str) -> str:  # a conversation's completion: the assistant's content
+        return text.strip() if is_conversational(prompt) else text
+
     sampling_record = {**settings.model_dump(), "seed": seed, "k": k, "batch_size": batch_size}
     stats = {
         "prompts": len(prompts),
@@ -694,6 +823,8 @@ def generate_completions(
         "unfinished": 0,
         "new_tokens": 0,
     }
+    if distinct:
+        stats.update(resampled=0, short_sets=0)
     seconds = 0.0
     with JsonlAppender(out) as sink:
         done = {str(x) for x in sink.done_keys("prompt_id")}
@@ -704,12 +835,21 @@ def generate_completions(
         batches = [todo[i : i + per_batch] for i in range(0, len(todo), per_batch)]
         bar = progress(range(len(todo)), total=len(todo), desc="generate", unit="prompt")
         for chunk in batches:
-            texts = [p["prompt"] for p in chunk for _ in range(k)]
+            if not seq2seq and any(is_conversational(p["prompt"]) for p in chunk):  # the template's ids
+                feed = [{**p, "prompt": prompt_ids(tokenizer, p["prompt"])} for p in chunk]
+            else:  # text (a seq2seq model's encoder reads a conversation's rendering as text)
+                feed = [{**p, "prompt": prompt_text(tokenizer, p["prompt"])} for p in chunk]
+            texts = [p["prompt"] for p in feed for _ in range(k)]
             seeds = [row_seed(seed, p["id"], j) for p in chunk for j in range(k)]
             t0 = time.perf_counter()
-            s = sample(model, tokenizer, texts, settings, seed=seeds, engine=engine)
-            seconds += time.perf_counter() - t0
+            s = backend.sample(texts, settings, seed=seeds)
             stats["new_tokens"] += s.new_tokens
+            if distinct:
+                redone, short, tokens = _resample_repeats(backend, feed, k, s, settings, seed, distinct)
+                stats["resampled"] += redone
+                stats["short_sets"] += short
+                stats["new_tokens"] += tokens
+            seconds += time.perf_counter() - t0
             for j, p in enumerate(chunk):
                 rows = range(j * k, (j + 1) * k)
                 record = {k_: v for k_, v in p.items() if k_ not in RESERVED}
@@ -717,7 +857,11 @@ def generate_completions(
                     prompt_id=p["id"],
                     prompt=p["prompt"],
                     completions=[
-                        {"id": f"{p['id']}-{n}", "text": s.texts[r], "finished": s.finished[r]}
+                        {
+                            "id": f"{p['id']}-{n}",
+                            "text": answer(p["prompt"], s.texts[r]),
+                            "finished": s.finished[r],
+                        }
                         for n, r in enumerate(rows)
                     ],
                     model=model_id,
@@ -732,6 +876,11 @@ def generate_completions(
                 next(bar, None)
     for _ in bar:  # drain (closes the bar)
         pass
+    if distinct and stats["short_sets"]:
+        say(
+            f"[generate] {stats['short_sets']} sets could not be filled with {k} distinct completions "
+            f"in {distinct} resampling rounds (label import collapses their repeats)"
+        )
     stats["tokens_per_second"] = stats["new_tokens"] / seconds if seconds else 0.0
     if stats["truncated"]:
         limit = prompt_limit(model, tokenizer, settings.max_new_tokens)

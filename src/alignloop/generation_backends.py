@@ -63,6 +63,14 @@ def pick_backend(name: str = "auto") -> str:
         raise UserError(f"unknown generation backend {name!r}", fix=f"use one of: {', '.join(BACKENDS)}")
     if name == "auto":
         return "vllm" if vllm_available() else "transformers"
+    if name == "vllm":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(
+                "the vllm generation backend needs a CUDA GPU and this machine has none",
+                fix="use sampling.backend=transformers (or auto); on a GPU machine: pip install 'alignloop[vllm]'",
+            )
     if name == "vllm" and importlib.util.find_spec("vllm") is None:
         raise UserError(
             "the vllm generation backend needs vLLM, which is not installed",
@@ -157,9 +165,28 @@ def gathered_for_generation(accelerator: Any, model: Any) -> Iterator[Any]:
         with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=True):
             yield model.module
         return
-    from torch.distributed.fsdp import FSDPModule  # FSDP2 (fully_shard)
+    with fsdp2_unsharded(model):  # FSDP2 (fully_shard)
+        yield model
+
+
+@contextmanager
+def fsdp2_unsharded(model: Any) -> Iterator[Any]:
+    """An FSDP2-sharded model with every weight whole, for a block of forwards that involve NO collective.
+
+    Each process samples its own rows and stops when they end, so the processes run different numbers
+    of forwards: a forward that all-gathered would hang. Inside, every sharded module is unsharded once
+    (one all-gather each, on every process) and told not to reshard after its forward; after the block
+    each is resharded and the training default is back (blocks reshard after forward, the root does not).
+    """
+    from torch.distributed.fsdp import FSDPModule
 
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not sharded:
+        yield model
+        return
+    root = sharded[0] if sharded[0] is model else model
+    for m in sharded:
+        m.set_reshard_after_forward(False, recurse=False)
     for m in sharded:
         m.unshard()
     try:
@@ -167,6 +194,7 @@ def gathered_for_generation(accelerator: Any, model: Any) -> Iterator[Any]:
     finally:
         for m in sharded:
             m.reshard()
+            m.set_reshard_after_forward(m is not root, recurse=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +237,7 @@ class VLLMBackend:
     ) -> Samples:
         from vllm import SamplingParams
 
-        from alignloop.generation import encode_prompts
+        from alignloop.generation import continuation_texts, encode_prompts
 
         ids = encode_prompts(self.tokenizer, prompts)
         seeds = (
@@ -229,7 +257,7 @@ class VLLMBackend:
             for s in seeds
         ]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
-        responses, texts, finished = [], [], []
+        responses, finished = [], []
         for o in outs:
             c = o.outputs[0]
             toks = list(c.token_ids)
@@ -238,7 +266,7 @@ class VLLMBackend:
                 toks.append(self.eos)  # PPO scores the EOS token's log-prob too
             responses.append(toks)
             finished.append(done)
-            texts.append(self.tokenizer.decode(toks, skip_special_tokens=True))
+        texts = continuation_texts(self.tokenizer, ids, responses, seq2seq=False)
         return Samples(ids, responses, texts, finished, [False] * len(ids))
 
     def load_weights(self, model: Any) -> None:

@@ -10,6 +10,7 @@ Public API (other stages build on these names)::
     configure_threads() -> int                      torch.set_num_threads from the cores we may use
     is_seq2seq(model_id) -> bool
     is_adapter_folder(model_id) -> bool             a PEFT adapter folder (adapter_config.json)
+    portable_base(model_id) -> str                  the base an adapter records: hub id as given, folder absolute
     load_tokenizer(model_id) -> tokenizer           pad token set; causal -> padding_side="left"
     load_lm(model_id, dtype=None, device=None, merge_adapter=True) -> (model, tokenizer)
     LoraSettings(Config); add_lora(model, settings) -> PeftModel; lora_target_modules(model)
@@ -121,6 +122,9 @@ def resolve_model_id(model_id: str | Path) -> str:
     folder = Path(model_id)
     if folder.is_dir() and not _is_model_folder(folder) and _is_model_folder(folder / "model"):
         return str(folder / "model")  # a run folder whose stage saved its model in model/
+    from alignloop.hub import require_hub
+
+    require_hub(model_id, "model")  # one line at once when it is not cached and the hub is out of reach
     return model_id
 
 
@@ -181,11 +185,33 @@ def is_adapter_folder(model_id: str | Path) -> bool:
 
 
 def _adapter_base(folder: str) -> str:
+    """The base an adapter folder names. A world model's folder that is not where the adapter says (the
+    adapter was trained where alignloop is installed elsewhere) is this installation's copy of it."""
     cfg = json.loads((Path(folder) / "adapter_config.json").read_text())
     base = cfg.get("base_model_name_or_path")
     if not base:
         raise UserError("adapter has no base_model_name_or_path", f"{folder}/adapter_config.json")
+    parts = Path(base).parts
+    if not Path(base).exists() and len(parts) >= 3 and parts[-3:-1] == ("world", "shipped"):
+        return resolve_model_id(WORLD_PREFIX + parts[-1])
     return str(base)
+
+
+def portable_base(model_id: str | Path) -> str:
+    """What an adapter trained on ``model_id`` records as ``base_model_name_or_path``: a name that
+    ``from_pretrained`` resolves away from the training run's folder and working directory.
+
+    A hub id as given (``"gpt2"``); a local folder (a run folder: its ``model/``) as an absolute path;
+    a world model (``"world:base"``) as its folder in the installed alignloop package (absolute, and
+    mapped to this installation's copy when alignloop loads it elsewhere: :func:`_adapter_base`); an
+    adapter folder: the base it records itself.
+    """
+    if not str(model_id).startswith(WORLD_PREFIX) and not Path(model_id).exists():
+        return str(model_id)  # a hub id, as given (recording it needs no hub access)
+    path = resolve_model_id(model_id)
+    if (Path(path) / "adapter_config.json").is_file():
+        return _adapter_base(path)
+    return str(Path(path).resolve()) if Path(path).is_dir() else str(model_id)
 
 
 def _load_config(model_id: str) -> Any:
@@ -303,6 +329,10 @@ def load_lm(
     else:
         model = _from_pretrained(model_id, seq2seq, dtype, device)
     _sync_pad_id(model, tokenizer)
+    from alignloop.offline.ilql import is_ilql_folder, load_decoder
+
+    if is_ilql_folder(model_id):  # an `alignloop ilql` folder: decode with its Q and V heads
+        model = load_decoder(model_id, model)
     model.eval()
     return model, tokenizer
 
@@ -374,6 +404,19 @@ def lora_target_modules(model: nn.Module) -> list[str] | str:
     return present or "all-linear"
 
 
+def sorted_adapter_config(peft_model: Any) -> Any:
+    """Sort the set-valued fields of ``peft_model``'s adapter configs (``target_modules``), in place.
+
+    peft keeps them as Python sets and writes ``list(set)`` to ``adapter_config.json``: the
+    order of a set of strings changes with every process's hash seed, and so would the file.
+    """
+    for cfg in getattr(peft_model, "peft_config", {}).values():
+        for key, value in vars(cfg).items():
+            if isinstance(value, set):
+                setattr(cfg, key, sorted(value))
+    return peft_model
+
+
 def add_lora(model: nn.Module, settings: LoraSettings | None = None) -> Any:
     """Wrap ``model`` with a fresh, trainable LoRA adapter named ``"default"``."""
     from peft import LoraConfig, TaskType, get_peft_model
@@ -390,7 +433,7 @@ def add_lora(model: nn.Module, settings: LoraSettings | None = None) -> Any:
         fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",  # GPT-2 uses Conv1D
     )
     try:
-        return get_peft_model(model, cfg)
+        return sorted_adapter_config(get_peft_model(model, cfg))
     except ValueError as e:
         raise UserError(
             f"LoRA target modules {targets!r} do not fit this model ({str(e).splitlines()[0]})",
@@ -490,14 +533,56 @@ def encode_pairs(
     responses: Sequence[str],
     seq2seq: bool,
     add_eos: bool = True,
+    chat: Sequence[bool] | None = None,
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Tokenize prompts (with the model's special tokens) and responses (plain, + EOS) apart,
-    the way generation produced them, so a response's tokens never merge into its prompt's."""
-    p = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    r = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    """Token ids of prompts (with the model's special tokens) and of their responses (+ EOS), read
+    the way TRL's DPOTrainer reads them.
+
+    Causal: the response's ids are the ids of ``full_text(prompt, response)`` after the prompt's own
+    ids, so a response's leading space is tokenized as in running text (``" not"`` -> ``Ġnot``) and
+    no separator is inserted. Where the joint ids do not start with the prompt's (a tokenizer that
+    merges across the junction: a prompt ending in a space), the response is tokenized alone.
+    Seq2seq: the prompt is the encoder input; the response, without its leading whitespace (the
+    decoder starts a new text), the decoder target.
+
+    ``chat[i]``: row i was rendered by a chat template (:func:`alignloop.chat.as_text`). Such a row
+    gets no added EOS (the template's end-of-turn ends the response): TRL's reading of
+    conversational data. Seq2seq rows all end with EOS (the decoder stops on it), once: a response
+    whose ids already end with it (a template whose end-of-turn is the EOS, as the world's) gets no second.
+    """
+    from alignloop.records import full_text
+
+    if chat is not None and any(chat) and not seq2seq:  # rows rendered by a chat template: apart
+        p: list[list[int]] = [[] for _ in prompts]
+        r: list[list[int]] = [[] for _ in prompts]
+        for flag in (False, True):
+            rows = [i for i, c in enumerate(chat) if bool(c) == flag]
+            if rows:
+                pi, ri = encode_pairs(
+                    tokenizer, [prompts[i] for i in rows], [responses[i] for i in rows], seq2seq,
+                    add_eos=add_eos and not flag,
+                )  # fmt: skip
+                for k, i in enumerate(rows):
+                    p[i], r[i] = pi[k], ri[k]
+        return p, r
+    p = [list(x) for x in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+    if seq2seq:
+        r = [
+            list(x) for x in tokenizer([x.lstrip() for x in responses], add_special_tokens=False)["input_ids"]
+        ]
+    else:
+        texts = [full_text(a, b) for a, b in zip(prompts, responses, strict=True)]
+        joint = tokenizer(texts, add_special_tokens=True)["input_ids"]
+        r = [list(j[len(pi) :]) if list(j[: len(pi)]) == pi else None for pi, j in zip(p, joint, strict=True)]
+        alone = [i for i, x in enumerate(r) if x is None]
+        if alone:
+            apart = tokenizer([responses[i] for i in alone], add_special_tokens=False)["input_ids"]
+            for i, ids in zip(alone, apart, strict=True):
+                r[i] = list(ids)
     if add_eos and tokenizer.eos_token_id is not None:
-        r = [list(x) + [tokenizer.eos_token_id] for x in r]
-    return [list(x) for x in p], [list(x) for x in r]
+        eos = tokenizer.eos_token_id
+        r = [x if seq2seq and x[-1:] == [eos] else x + [eos] for x in r]
+    return p, r
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,30 +599,124 @@ class PolicyOutput:
     values: Tensor | None = None
 
 
-def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
-    """``log softmax(logits)[token]`` per position.
+CHUNK_BYTES = 8 * 2**20  # float32 working memory per chunk of the vocabulary-wide maths below
+
+
+def _row_chunks(logits: Tensor) -> Iterator[slice]:
+    """Slices of dim 0 of ``logits`` (B, R, V) whose float32 copy stays within :data:`CHUNK_BYTES`."""
+    rows = max(1, CHUNK_BYTES // max(1, 4 * logits[0].numel()))
+    return (slice(s, s + rows) for s in range(0, logits.shape[0], rows))
+
+
+class _ChosenLogprobs(torch.autograd.Function):
+    """Chosen-token log-probs with a chunked forward and backward (see :func:`logprobs_from_logits`)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
+        B, R, _ = logits.shape
+        out = torch.empty(B, R, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(B, R, dtype=torch.float32, device=logits.device)
+        for c in _row_chunks(logits):
+            z = logits[c].float()
+            if temperature != 1.0:
+                z = z / temperature
+            torch.logsumexp(z, dim=-1, out=lse[c])
+            torch.sub(z.gather(-1, tokens[c].unsqueeze(-1)).squeeze(-1), lse[c], out=out[c])
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        # d out[b,t] / d logits[b,t,v] = (onehot(tokens[b,t])_v - softmax(logits[b,t] / T)_v) / T
+        logits, tokens, lse = ctx.saved_tensors
+        T = ctx.temperature
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        in_place = logits.dtype == torch.float32  # write softmax straight into the gradient's rows
+        for c in _row_chunks(logits):
+            z = logits[c].float()
+            if T != 1.0:
+                z = z / T
+            g = grad[c].float().unsqueeze(-1)
+            p = torch.sub(z, lse[c].unsqueeze(-1), out=grad_logits[c] if in_place else None).exp_()
+            p.mul_(-g).scatter_add_(-1, tokens[c].unsqueeze(-1), g)
+            if T != 1.0:
+                p.div_(T)
+            if not in_place:
+                grad_logits[c] = p
+        return grad_logits, None, None
+
+
+def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log softmax(logits / temperature)[token]`` per position, never a float32 (B, R, V) intermediate.
 
     Args:
-        logits: (B, R, V). tokens: (B, R) long.
+        logits: (B, R, V), any float dtype. tokens: (B, R) long. temperature: > 0.
     Returns:
-        (B, R): ``logits[b, t, tokens[b, t]] - logsumexp_v logits[b, t, v]``.
+        (B, R) float32: ``z[b, t, tokens[b, t]] - logsumexp_v z[b, t, v]`` with ``z = logits / temperature``.
+
+    The naive form (``log_softmax(logits.float() / T).gather(...)``) allocates the whole (B, R, V) in
+    float32 several times over (the cast, the division, log_softmax, and softmax again in the backward):
+    at GPT-2's vocabulary that is 200 KB a response token each. Here the forward keeps only ``logsumexp``
+    (B, R), the rows are processed in chunks of :data:`CHUNK_BYTES`, and the backward writes
+    ``(onehot - softmax) * grad / T`` chunk by chunk straight into the logits' gradient (the one
+    (B, R, V) tensor the backward must produce anyway).
     """
-    logits = logits.float()
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    return _ChosenLogprobs.apply(logits, tokens, float(temperature))
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the categorical distribution at each position.
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of the categorical distribution ``softmax(logits / temperature)`` at each position.
 
     Args:
         logits: (B, R, V).
     Returns:
-        (B, R): ``H = logsumexp(z) - sum_v softmax(z)_v z_v``.
+        (B, R) float32: ``H = logsumexp(z) - sum_v softmax(z)_v z_v``, ``z = logits / temperature``.
+
+    Without autograd (entropy logged, not trained) it runs in row chunks of :data:`CHUNK_BYTES`, so no
+    float32 (B, R, V) intermediate is made; with autograd it is one differentiable expression.
     """
-    logits = logits.float()
-    p = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(dim=-1)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        z = logits.float() / temperature if temperature != 1.0 else logits.float()
+        p = torch.softmax(z, dim=-1)
+        return torch.logsumexp(z, dim=-1) - (p * z).sum(dim=-1)
+    out = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    for c in _row_chunks(logits):
+        z = logits[c].float()
+        if temperature != 1.0:
+            z = z / temperature
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        out[c] = lse.squeeze(-1) - (torch.sub(z, lse).exp_() * z).sum(dim=-1)
+    return out
+
+
+FUSED_ADAMW_DEVICES = ("cpu", "cuda", "mps", "xpu")  # torch >= 2.4 has a fused AdamW kernel for these
+
+
+def make_optimizer(
+    params: Sequence[nn.Parameter],
+    lr: float,
+    weight_decay: float = 0.0,
+    eps: float = 1e-8,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.AdamW:
+    """AdamW for every trainer: the fused kernel where torch has one for these tensors, else ``foreach``.
+
+    torch's default AdamW on a CPU is a Python loop over the parameters (16.6% of a tiny PPO step
+    here); ``fused=True`` (CPU and CUDA in torch >= 2.4) updates every tensor in one kernel call, and
+    ``foreach=True`` (multi-tensor ops) is the fallback (e.g. MPS or an old torch). Same update rule.
+    """
+    params = list(params)
+    # torch checks this only at the first step(): floating-point tensors on a device with the kernel
+    fused = all(p.is_floating_point() and p.device.type in FUSED_ADAMW_DEVICES for p in params)
+    kind = {"fused": True} if fused else {"foreach": True}
+    # FSDP2 shards (DTensors) next to whole tensors (PPO's value head): one kernel call cannot mix them,
+    # so each kind gets its own parameter group (same settings)
+    sharded = [p for p in params if hasattr(p, "full_tensor")]
+    whole = [p for p in params if not hasattr(p, "full_tensor")]
+    groups: Any = [{"params": g} for g in (sharded, whole) if g] if sharded and whole else params
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kind)
 
 
 @functools.lru_cache(maxsize=64)
@@ -572,10 +751,12 @@ def _trunk_forward(model: nn.Module, batch: Batch, need_hidden: bool) -> tuple[T
         return out.logits, hidden
     P = batch.prompt_width
     kw: dict[str, Any] = {}
-    keep_from = 0
+    kept = False
     if _supports_logits_to_keep(model):
-        kw["logits_to_keep"] = R + 1  # lm_head only on the columns we need (saves a (B, P, V) matmul)
-        keep_from = batch.input_ids.shape[1] - (R + 1)
+        # lm_head only on the R columns that predict the response (saves a (B, P, V) matmul), and logits
+        # that are exactly those columns: no slice whose backward zero-fills and copies a (B, R+1, V) grad
+        kw["logits_to_keep"] = torch.arange(P - 1, P - 1 + R, device=batch.input_ids.device)
+        kept = True
     out = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -584,8 +765,16 @@ def _trunk_forward(model: nn.Module, batch: Batch, need_hidden: bool) -> tuple[T
         use_cache=False,
         **kw,
     )
-    logits = out.logits[:, P - 1 - keep_from : P - 1 - keep_from + R]
+    logits = out.logits if kept else out.logits[:, P - 1 : P - 1 + R]
     hidden = out.hidden_states[-1][:, P - 1 : P - 1 + R] if need_hidden else None
+    return logits, hidden
+
+
+def logits_and_hidden(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """(B, R, V) logits predicting each response token and (B, R, H) the last hidden state at the
+    same column (the state *before* that token), in one forward."""
+    logits, hidden = _trunk_forward(model, batch, need_hidden=True)
+    assert hidden is not None
     return logits, hidden
 
 
@@ -604,22 +793,18 @@ def forward_batch(
     vocabulary is then not kept for the backward pass (for GPT-2, 200 KB a response token).
     """
     logits, hidden = _trunk_forward(model, batch, need_hidden=value_head is not None)
-    if temperature != 1.0:
-        logits = logits / temperature
     values = None
     if value_head is not None:
         values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
     with contextlib.nullcontext() if entropy_grad else torch.no_grad():
-        entropy = entropy_from_logits(logits)
-    return PolicyOutput(logprobs_from_logits(logits, batch.response_ids), entropy, values)
+        entropy = entropy_from_logits(logits, temperature)
+    return PolicyOutput(logprobs_from_logits(logits, batch.response_ids, temperature), entropy, values)
 
 
 def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0) -> Tensor:
     """(B, R) log-probs of each response token (zero at padding)."""
     logits, _ = _trunk_forward(model, batch, need_hidden=False)
-    if temperature != 1.0:
-        logits = logits / temperature
-    return logprobs_from_logits(logits, batch.response_ids) * batch.response_mask
+    return logprobs_from_logits(logits, batch.response_ids, temperature) * batch.response_mask
 
 
 def sequence_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0) -> Tensor:
@@ -810,16 +995,20 @@ class Policy:
             params += [p for p in self.critic.parameters() if p.requires_grad]
         return params
 
-    def save(self, out: str | Path) -> Path:
-        """An HF folder: weights (adapter only with LoRA), tokenizer, value head, critic."""
+    def save(self, out: str | Path, state_dict: dict[str, Any] | None = None) -> Path:
+        """An HF folder: weights (adapter only with LoRA), tokenizer, value head, critic.
+
+        ``state_dict``: the model's whole weights when the model itself holds only a shard (FSDP2,
+        ``distributed.full_state_dict``)."""
         from safetensors.torch import save_file
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        if self.is_lora:
-            self.model.save_pretrained(out, selected_adapters=["default"])  # not the frozen reference copy
+        extra = {} if state_dict is None else {"state_dict": state_dict}
+        if self.is_lora:  # not the frozen reference copy
+            self.model.save_pretrained(out, selected_adapters=["default"], **extra)
         else:
-            self.model.save_pretrained(out)
+            self.model.save_pretrained(out, **extra)
         self.tokenizer.save_pretrained(out)
         if self.value_head is not None:
             save_file(
@@ -867,6 +1056,7 @@ def load_policy(
     """
     from peft import PeftModel
 
+    base_name = portable_base(model_id)
     model_id = resolve_model_id(model_id)
     device = pick_device(device)
     dtype = dtype or default_dtype(device)
@@ -877,7 +1067,7 @@ def load_policy(
     reference_adapter = None
     if is_adapter_folder(model_id):
         base = _from_pretrained(resolve_model_id(_adapter_base(model_id)), seq2seq, dtype, device)
-        model = PeftModel.from_pretrained(base, model_id, is_trainable=True)
+        model = sorted_adapter_config(PeftModel.from_pretrained(base, model_id, is_trainable=True))
         if reference:
             model.load_adapter(model_id, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
             model.set_adapter("default")
@@ -888,6 +1078,8 @@ def load_policy(
             model = add_lora(model, lora)
         elif reference:
             reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+    for adapter in getattr(model, "peft_config", {}).values():
+        adapter.base_model_name_or_path = base_name  # what its saved adapter_config.json names
     _sync_pad_id(model, tokenizer)
     if no_dropout:
         disable_dropout(model)

@@ -54,7 +54,12 @@ def is_main_process() -> bool:
 def say(msg: str) -> None:
     """A line of progress for people (stderr), silent under ``--quiet`` and on non-main ranks."""
     if not _QUIET and is_main_process():
-        print(msg, file=sys.stderr, flush=True)
+        if "tqdm" in sys.modules:  # a bar may be on screen: tqdm.write clears it, prints, redraws it
+            from tqdm.auto import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
 
 
 def progress(it: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it") -> Iterator[T]:
@@ -109,11 +114,31 @@ def sha256_path(path: str | Path) -> str:
 
 
 def describe_input(value: str | Path) -> dict[str, Any]:
-    """A local file/folder gets its sha256; anything else (a hub id, a URL) is kept as a name."""
+    """A local file/folder gets its sha256, and so does a world model (``world:base``: its shipped
+    folder; ``world:gold``: the judge's code); anything else (a hub id, a URL) is kept as a name."""
     p = Path(value)
     if p.exists():
         return {"path": str(p.resolve()), "sha256": sha256_path(p)}
+    world = _world_files(str(value))
+    if world is not None:
+        return {"id": str(value), "path": str(world), "sha256": sha256_path(world)}
     return {"id": str(value), "sha256": None}
+
+
+def _world_files(spec: str) -> Path | None:
+    """What a ``world:NAME[:label]`` spec is made of: the shipped model folder, or for the gold
+    judge its source file. None for anything else."""
+    if not spec.startswith("world:"):
+        return None
+    import importlib.util
+
+    found = importlib.util.find_spec("alignloop.world")
+    if found is None or found.origin is None:
+        return None
+    world = Path(found.origin).parent
+    name = spec.split(":")[1]
+    path = world / "judge.py" if name == "gold" else world / "shipped" / name
+    return path if path.exists() else None
 
 
 def package_versions() -> dict[str, str]:
@@ -162,35 +187,45 @@ class StageRun:
     manifest: dict[str, Any]
     skipped: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
-    _tb: Any = None
+    _trackers: Any = None  # alignloop.tracking.Trackers on the main process, else None
+    _last_step: int = 0
+
+    prefix: str = ""  # "pairs.jsonl." for a stage whose output is one file (start_file_stage)
 
     @property
     def manifest_path(self) -> Path:
-        return self.dir / "manifest.json"
+        return self.dir / f"{self.prefix}manifest.json"
 
     def log(self, step: int, **values: Any) -> None:
-        """Append one line of step metrics to ``metrics.jsonl`` (and TensorBoard if installed)."""
+        """Append one line of step metrics to ``metrics.jsonl`` and send it to the trackers
+        (:mod:`alignloop.tracking`)."""
         if not is_main_process():
             return
         row = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in values.items()}}
-        with open(self.dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+        with open(self.dir / f"{self.prefix}metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for k, v in row.items():
-                if k not in ("step", "time") and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+        self._last_step = step
+        if self._trackers is not None:
+            self._trackers.log(step, row)
+
+    def table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A table (e.g. the evaluation's policies x metrics) for the trackers; files hold it already."""
+        if self._trackers is not None:
+            self._trackers.table(name, columns, rows)
 
     def finish(self, metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Write ``metrics.json`` and mark the manifest complete (atomically)."""
         self.metrics = {k: _plain(v) for k, v in (metrics or {}).items()}
         if is_main_process():
-            write_json_atomic(self.dir / "metrics.json", self.metrics)
+            write_json_atomic(self.dir / f"{self.prefix}metrics.json", self.metrics)
             self.manifest["status"] = "complete"
             self.manifest["end_time"] = _now()
             self.manifest["seconds"] = round(time.time() - self.manifest["_t0"], 3)
             write_json_atomic(self.manifest_path, {k: v for k, v in self.manifest.items() if k != "_t0"})
-        if self._tb is not None:
-            self._tb.close()
+        if self._trackers is not None:
+            self._trackers.summary(self._last_step, self.metrics)
+            self._trackers.close()
+            self._trackers = None
         return self.metrics
 
     def fail(self, reason: str) -> None:
@@ -198,6 +233,9 @@ class StageRun:
             self.manifest["status"] = "failed"
             self.manifest["error"] = reason
             write_json_atomic(self.manifest_path, {k: v for k, v in self.manifest.items() if k != "_t0"})
+        if self._trackers is not None:
+            self._trackers.close()
+            self._trackers = None
 
 
 def _plain(v: Any) -> Any:
@@ -222,9 +260,13 @@ def start_stage(
     seed: int | None = None,
     command: list[str] | None = None,
     resume: bool = False,
-    tensorboard: bool = True,
+    track: bool = True,
+    prefix: str = "",
 ) -> StageRun:
     """Open (or, on ``resume``, possibly skip) the stage folder ``out``.
+
+    With ``track`` the trackers chosen by ``report_to`` (:mod:`alignloop.tracking`) get the
+    config, the lineage (inputs with their hashes), the step metrics and the final metrics.
 
     The stage is skipped when ``resume`` is set and the folder holds a complete manifest with
     the same fingerprint (config + input hashes) and a ``metrics.json``.
@@ -233,14 +275,14 @@ def start_stage(
     cfg = _config_dict(config)
     ins = {k: describe_input(v) for k, v in (inputs or {}).items()}
     fp = fingerprint(cfg, ins)
-    manifest_path = out / "manifest.json"
-    if resume and manifest_path.is_file() and (out / "metrics.json").is_file():
+    manifest_path = out / f"{prefix}manifest.json"
+    if resume and manifest_path.is_file() and (out / f"{prefix}metrics.json").is_file():
         try:
             old = json.loads(manifest_path.read_text())
             if old.get("status") == "complete" and old.get("fingerprint") == fp:
                 say(f"[{name}] inputs and config unchanged since {old.get('end_time')}: skipped (--resume)")
-                metrics = json.loads((out / "metrics.json").read_text())
-                return StageRun(out, name, old, skipped=True, metrics=metrics)
+                metrics = json.loads((out / f"{prefix}metrics.json").read_text())
+                return StageRun(out, name, old, skipped=True, metrics=metrics, prefix=prefix)
         except (json.JSONDecodeError, OSError):
             pass
     manifest = {
@@ -257,26 +299,31 @@ def start_stage(
         "status": "running",
         "_t0": time.time(),
     }
-    tb = None
+    trackers = None
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        if not resume and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()
+        if not resume and (out / f"{prefix}metrics.jsonl").exists():
+            (out / f"{prefix}metrics.jsonl").unlink()
         write_json_atomic(manifest_path, {k: v for k, v in manifest.items() if k != "_t0"})
-        if tensorboard:
-            tb = _tensorboard(out)
-    return StageRun(out, name, manifest, _tb=tb)
+        if track:
+            from alignloop.tracking import open_trackers
+
+            shown = {
+                "stage": name,
+                "config": cfg,
+                "lineage": ins,
+                "seed": seed,
+                "versions": manifest["versions"],
+            }
+            trackers = open_trackers(out, name, shown, resume)
+    return StageRun(out, name, manifest, _trackers=trackers, prefix=prefix)
 
 
-def _tensorboard(out: Path) -> Any:
-    """A TensorBoard writer when tensorboard is installed and torch already loaded, else None."""
-    import importlib.util
-
-    if "torch" not in sys.modules or importlib.util.find_spec("tensorboard") is None:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(out / "tensorboard"))
+def start_file_stage(path: str | Path, name: str, **kwargs: Any) -> StageRun:
+    """:func:`start_stage` for a stage whose output is one file (``pairs.jsonl``): its manifest and
+    metrics go beside it, as ``pairs.jsonl.manifest.json`` and ``pairs.jsonl.metrics.json``."""
+    path = Path(path)
+    return start_stage(path.parent, name, prefix=f"{path.name}.", track=False, **kwargs)
 
 
 @contextmanager

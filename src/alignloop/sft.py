@@ -32,9 +32,17 @@ from alignloop.config import Config
 from alignloop.distributed import (
     all_reduce_sum,
     barrier,
+    fsdp2,
+    full_state_dict,
+    is_sharded,
+    load_sharded_step,
     make_accelerator,
+    model_state_bytes,
+    prepare,
     rank_world,
+    save_sharded_step,
     shard,
+    shard_model,
     trainable_state,
     uses_sharded_weights,
 )
@@ -46,10 +54,15 @@ from alignloop.models import (
     enable_gradient_checkpointing,
     encode_pairs,
     load_policy,
+    load_tokenizer,
+    make_optimizer,
     token_logprobs,
 )
 
 CHECKPOINT = "checkpoint"
+SHARDED = (
+    "checkpoints"  # FSDP2 runs: step folders, each process's shard in each (distributed.save_sharded_step)
+)
 
 
 class SFTConfig(Config):
@@ -71,6 +84,8 @@ class SFTConfig(Config):
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 200
+    # Jinja chat template file for conversational records (default: the tokenizer's own; alignloop.chat)
+    chat_template: str | None = None
     device: str | None = None
 
 
@@ -79,14 +94,29 @@ class SFTConfig(Config):
 # ----------------------------------------------------------------------------------------------
 
 
-def read_sft_records(path: str | Path) -> list[dict[str, str]]:
-    """``[{"prompt", "response"}]`` from a JSONL/CSV/Parquet file; a bad row is a UserError."""
+def read_sft_records(path: str | Path, tokenizer: Any = None) -> list[dict[str, Any]]:
+    """``[{"prompt", "response"}]`` from a JSONL/CSV/Parquet file; a bad row is a UserError.
+
+    A conversational row (TRL's prompt-completion format: ``prompt`` a message list, the response an
+    assistant message list or its text) is rendered through ``tokenizer``'s chat template
+    (:func:`alignloop.chat.as_text`): the response is the assistant turn with the template's
+    end-of-turn, so the loss falls on the assistant's tokens only; it is marked ``"conversational"``
+    (no EOS added: the end-of-turn ends it).
+
+    A ``{"messages": [...]}`` row (TRL's conversational language-modelling format: a whole multi-turn
+    transcript) becomes ``{"text", "spans"}``: its rendering and where its assistant turns are; the loss
+    then falls on every assistant turn (content + end-of-turn) and on nothing else."""
+    from alignloop.chat import as_text
     from alignloop.generation import read_table
+    from alignloop.records import adopt_text_convention, check_messages, is_conversational
 
     rows = read_table(path)
     out = []
     for i, row in enumerate(rows):
         where = f"{path}:{row.get('_line', i + 1)}"
+        if "prompt" not in row and "messages" in row:  # TRL's conversational language-modelling format
+            out.append(_transcript_record(row["messages"], tokenizer, where))
+            continue
         response = row.get("response", row.get("completion"))
         if "prompt" not in row or response is None:
             have = ", ".join(k for k in row if not k.startswith("_")) or "none"
@@ -95,14 +125,58 @@ def read_sft_records(path: str | Path) -> list[dict[str, str]]:
                 where,
                 f"its keys are: {have}",
             )
+        if is_conversational(row["prompt"]):
+            try:
+                check_messages(row["prompt"], "prompt")
+                check_messages(response, "completion")
+            except ValueError as e:
+                raise UserError(str(e), where) from None
+            if isinstance(response, str) and not response.strip():
+                raise UserError("empty response", where, "remove the record or fill in the response")
+            if tokenizer is None:
+                raise UserError("a conversational SFT record needs the model's tokenizer to render it", where)
+            r = as_text(tokenizer, {"prompt": row["prompt"], "completion": response}, where)
+            out.append({"prompt": r["prompt"], "response": r["completion"], "conversational": True})
+            continue
         if not isinstance(row["prompt"], str) or not isinstance(response, str):
-            raise UserError("'prompt' and 'response' must be strings", where)
+            raise UserError("'prompt' and 'response' must be strings (or TRL message lists)", where)
         if not response.strip():
             raise UserError("empty response", where, "remove the record or fill in the response")
         out.append({"prompt": row["prompt"], "response": response})
     if not out:
         raise UserError("no SFT records", str(path), "is the file empty?")
+    adopt_text_convention(  # text rows only: a rendered conversation is the template's own text
+        [
+            (row.get("_line", i + 1), o)
+            for i, (row, o) in enumerate(zip(rows, out, strict=True))
+            if not o.get("conversational") and "text" not in o
+        ],
+        path,
+    )
     return out
+
+
+def _transcript_record(messages: Any, tokenizer: Any, where: str) -> dict[str, Any]:
+    """One ``{"messages": [...]}`` row (a whole multi-turn conversation) as ``{"text", "spans"}``: the
+    template's rendering and its assistant turns' character spans (:func:`alignloop.chat.transcript`),
+    the loss then on every assistant turn and nothing else."""
+    from alignloop.chat import transcript
+    from alignloop.records import check_messages
+
+    if not isinstance(messages, list):
+        raise UserError("'messages' must be a list of {role, content} messages", where)
+    try:
+        check_messages(messages, "transcript")
+    except ValueError as e:
+        raise UserError(str(e), where) from None
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError(
+            "the transcript has no assistant turn: nothing to learn", where, "add the assistant's turns"
+        )
+    if tokenizer is None:
+        raise UserError("a conversational SFT record needs the model's tokenizer to render it", where)
+    text, spans = transcript(tokenizer, messages, where)
+    return {"text": text, "spans": spans, "conversational": True}
 
 
 def fit_example(
@@ -123,21 +197,50 @@ def fit_example(
     return prompt, response, True
 
 
+def transcript_example(tokenizer: Any, record: dict[str, Any]) -> tuple[list[int], list[int], list[int]]:
+    """A transcript record (:func:`_transcript_record`) as ``(prompt, response, mask)``: the ids before
+    the first assistant token are the prompt, the rest the response, ``mask[t]`` 1 where response
+    token t belongs to an assistant turn (its loss counts) and 0 in the user turns and headers between."""
+    from alignloop.chat import assistant_mask
+
+    ids, flags = assistant_mask(tokenizer, record["text"], record["spans"])
+    first = flags.index(1) if 1 in flags else len(ids)
+    if first == len(ids):
+        raise UserError("a transcript's assistant turns tokenize to nothing", fix="check the chat template")
+    return ids[:first], ids[first:], flags[first:]
+
+
 def tokenize(
-    policy: Policy, records: list[dict[str, str]], max_length: int | None
-) -> tuple[list[tuple[list[int], list[int]]], int]:
-    """Token ids of every example (response + EOS) and how many were truncated."""
-    prompts, responses = encode_pairs(
-        policy.tokenizer, [r["prompt"] for r in records], [r["response"] for r in records], policy.is_seq2seq
-    )
+    policy: Policy, records: list[dict[str, Any]], max_length: int | None
+) -> tuple[list[tuple[list[int], ...]], int]:
+    """Token ids of every example (response + EOS) and how many were truncated; a multi-turn
+    transcript's example carries a third item, the 0/1 loss mask over its response tokens."""
     tok = policy.tokenizer
+    pairs = [r for r in records if "text" not in r]
+    prompts, responses = encode_pairs(
+        tok, [r["prompt"] for r in pairs], [r["response"] for r in pairs], policy.is_seq2seq,
+        chat=[bool(r.get("conversational")) for r in pairs],
+    ) if pairs else ([], [])  # fmt: skip
+    encoded = iter(zip(prompts, responses, strict=True))
     filler = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    examples, cut = [], 0
-    for p, r in zip(prompts, responses, strict=True):
+    examples: list[tuple[list[int], ...]] = []
+    cut = 0
+    for rec in records:
+        if "text" in rec:
+            if policy.is_seq2seq:
+                raise UserError(
+                    "multi-turn transcripts ({'messages': [...]}) train decoder-only models",
+                    fix="give a seq2seq model prompt/completion records",
+                )
+            p, r, mask = transcript_example(tok, rec)
+        else:
+            (p, r), mask = next(encoded), None
         if not policy.is_seq2seq and not p:
             p = [int(filler)]  # a causal model needs a token to condition on
         p, r, was_cut = fit_example(p, r, max_length, policy.is_seq2seq)
-        examples.append((p, r))
+        examples.append(
+            (p, r) if mask is None else (p, r, mask[: len(r)])
+        )  # a cut keeps the response's start
         cut += was_cut
     return examples, cut
 
@@ -174,13 +277,21 @@ def sft_loss(
 ) -> tuple[torch.Tensor, int]:
     """Mean negative log-likelihood of the response tokens (prompt tokens are not targets).
 
-    ``model``: what runs the forward (the DDP-wrapped ``policy.model`` when distributed).
-    Returns ``(loss, N)`` with ``N`` the response tokens of the batch.
+    ``loss = -sum_{b,t} m[b,t] log pi(r[b,t] | prompt, r[b,<t]) / N``, ``m`` (B, R) the response mask
+    times a transcript's loss mask (its third item: 0 on the user turns between assistant turns),
+    ``N = sum m``. ``model``: what runs the forward (the DDP-wrapped ``policy.model`` when distributed).
+    Returns ``(loss, N)``.
     """
     batch = policy.batch([e[0] for e in examples], [e[1] for e in examples])
     logps = token_logprobs(model if model is not None else policy.model, batch)  # (B, R), zero at padding
-    n = int(batch.response_mask.sum())
-    return -logps.sum() / max(1, n), n
+    mask = batch.response_mask
+    if any(len(e) > 2 for e in examples):  # multi-turn transcripts: assistant tokens only
+        keep = torch.zeros_like(mask)
+        for b, e in enumerate(examples):
+            keep[b, : len(e[1])] = torch.as_tensor(e[2] if len(e) > 2 else [1] * len(e[1]), dtype=mask.dtype)
+        mask = mask * keep
+    n = int(mask.sum())
+    return -(logps * mask).sum() / max(1, n), n
 
 
 @torch.no_grad()
@@ -190,7 +301,12 @@ def eval_loss(policy: Policy, examples: list[tuple[list[int], list[int]]], batch
     was = policy.model.training
     policy.model.eval()
     mine = shard(examples)
-    for i in range(0, len(mine), batch_size):
+    per_process = math.ceil(len(examples) / rank_world()[1])  # the most any process has
+    for i in range(0, per_process, batch_size):
+        if not mine[i : i + batch_size]:  # FSDP2: every process joins every forward (a discarded one)
+            if is_sharded(policy.model):
+                sft_loss(policy, examples[:1])
+            continue
         loss, n = sft_loss(policy, mine[i : i + batch_size])
         sums += torch.tensor([float(loss.detach()) * n, n], dtype=torch.float64)
     policy.model.train(was)
@@ -261,6 +377,25 @@ def load_checkpoint(out: Path, policy: Policy, optimizer: Any, scheduler: Any, f
     return int(state["step"])
 
 
+def load_sharded_checkpoint(out: Path, model: Any, optimizer: Any, scheduler: Any, fingerprint: str) -> int:
+    """Restore the newest intact sharded checkpoint of this run (FSDP2); the step to continue at (0: none)."""
+    from alignloop.checkpoints import newest_intact, verify_folder
+
+    hit = newest_intact(out / SHARDED, verify_folder, "sft")
+    if hit is None:
+        return 0
+    folder, state = hit
+    if state.get("fingerprint") != fingerprint:
+        raise UserError(
+            "the checkpoint was written by a run with other inputs or settings",
+            str(folder),
+            "use another --out, or drop --resume to start over",
+        )
+    load_sharded_step(folder, model, optimizer)
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +427,10 @@ def train_sft(
 
     cfg = config or SFTConfig()
     out = Path(out)
-    records = read_sft_records(data)  # bad data fails here, before any model is loaded
+    from alignloop.chat import use_chat_template
+
+    chat_tok = use_chat_template(load_tokenizer(model_id), cfg.chat_template)  # conversations -> text
+    records = read_sft_records(data, chat_tok)  # bad data fails here, before any model is loaded
     run = start_stage(
         out, "sft", config=cfg, inputs={"model": model_id, "data": data}, seed=cfg.seed, resume=resume
     )
@@ -316,8 +454,11 @@ def train_sft(
             no_dropout=False,
             device=accelerator.device,
         )
+        use_chat_template(policy.tokenizer, cfg.chat_template)  # saved with the template it trained on
         if cfg.gradient_checkpointing:  # the recompute replays the same dropout masks (RNG state kept)
             enable_gradient_checkpointing(policy.model)
+        if fsdp2(accelerator):  # each process keeps 1/world of every weight, gradient and AdamW moment
+            shard_model(policy.model)
         ctx = context_length(policy.model)
         max_length = cfg.max_length or ctx
         if max_length is None and policy.is_seq2seq:
@@ -337,17 +478,25 @@ def train_sft(
         bs = min(cfg.batch_size, len(examples))
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(examples) / bs)))
         params = policy.trainable_parameters()
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, total, cfg.warmup_steps, cfg.lr_schedule)
         )
-        start = load_checkpoint(out, policy, optimizer, scheduler, fp) if resume else 0  # every process
+        if not resume:
+            start = 0
+            if accelerator.is_main_process:  # no stale shards of an earlier run in this folder
+                shutil.rmtree(out / SHARDED, ignore_errors=True)
+        elif is_sharded(policy.model):  # FSDP2: this process's shard of the newest intact checkpoint
+            start = load_sharded_checkpoint(out, policy.model, optimizer, scheduler, fp)
+        else:
+            start = load_checkpoint(out, policy, optimizer, scheduler, fp)  # every process
         if start:
             say(f"[sft] resuming at step {start} of {total} from {out / CHECKPOINT}")
         if world > 1:
             say(f"[sft] {world} processes: {bs} examples a step, about {bs // world} each")
         # the scheduler stays outside prepare(): accelerate would tick it once per process
-        model, optimizer = accelerator.prepare(policy.model, optimizer)
+        model, optimizer = prepare(accelerator, policy.model, optimizer)
+        state_bytes = None
         policy.model.train()
         recent: list[float] = []
         tokens, t0 = 0, time.perf_counter()
@@ -372,6 +521,8 @@ def train_sft(
             accelerator.backward(loss * (n * world / max(1.0, n_global)))
             grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
+            if state_bytes is None:  # this process's parameters + gradients + AdamW moments (FSDP2: ~1/world)
+                state_bytes = model_state_bytes(model, optimizer)["total"]
             scheduler.step()
             tokens += int(n_global)
             loss_value = loss_sum / max(1.0, n_global)
@@ -386,7 +537,10 @@ def train_sft(
                 )
             stopping = stop_after is not None and step + 1 - start >= stop_after and step + 1 < total
             periodic = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total
-            if periodic or stopping:
+            if (periodic or stopping) and is_sharded(model):  # every process writes its shard
+                info = {"step": step + 1, "fingerprint": fp, "scheduler": scheduler.state_dict()}
+                save_sharded_step(out / SHARDED, step + 1, model, optimizer, info, keep=2)
+            elif periodic or stopping:
                 weights = trainable_state(accelerator, model)  # every process: gathers sharded weights
                 if accelerator.is_main_process:
                     save_checkpoint(out, policy, optimizer, scheduler, step + 1, fp, weights)
@@ -402,15 +556,21 @@ def train_sft(
             "tokens_per_second": tokens / max(seconds, 1e-9),
             "processes": world,
         }
+        if state_bytes is not None:
+            metrics["model_state_bytes"] = state_bytes
         if heldout:
             metrics["eval_loss"] = eval_loss(policy, heldout, bs)
         policy.model.eval()
         # ZeRO-3 / FSDP: every process takes part in gathering the whole weights; the main one saves them
-        full = accelerator.get_state_dict(model) if uses_sharded_weights(accelerator) else None
+        if is_sharded(model):
+            full = full_state_dict(model)
+        else:
+            full = accelerator.get_state_dict(model) if uses_sharded_weights(accelerator) else None
         if accelerator.is_main_process:
             save_model(policy, out, merge=cfg.merge, state_dict=full)
             if (out / CHECKPOINT).exists():
                 shutil.rmtree(out / CHECKPOINT)
+            shutil.rmtree(out / SHARDED, ignore_errors=True)
         return run.finish(metrics)
 
 

@@ -12,6 +12,7 @@ from alignloop.cai.judges import LocalLM, soft_preference
 from alignloop.cai.label import LabelConfig, label_pairs, pairs_from_file, parse_clamp
 from alignloop.cai.revise import ReviseConfig, revise_prompts
 from alignloop.errors import UserError
+from alignloop.records import continuation
 
 
 def _lines(path):
@@ -74,9 +75,29 @@ def test_labels_are_soft_averaged_clamped_and_resumable(sharp_gpt2, tiny_constit
     clamped = _lines(tmp_path / "clamped.jsonl")
     assert all(0.4 <= r["p_a"] <= 0.6 and 0.5 <= r["weight"] <= 0.6 for r in clamped)
     assert any(r["p_a_raw"] != r["p_a"] for r in clamped)
-    # swap: each principle asked both ways; P(A) = mean(P(A first), 1 - P(B first))
-    label_pairs(lm, pairs, tmp_path / "swap.jsonl", c, LabelConfig(principles=2, swap=True))
-    assert [r["id"] for r in _lines(tmp_path / "swap.jsonl")] == [p["id"] for p in pairs]
+    # swap: each principle asked both ways; P(A) = mean(P(A first), 1 - P(B first)), and the bias measured
+    sw = label_pairs(lm, pairs, tmp_path / "swap.jsonl", c, LabelConfig(principles=2, swap=True))
+    swapped = _lines(tmp_path / "swap.jsonl")
+    assert [r["id"] for r in swapped] == [p["id"] for p in pairs]
+    rec, pair = swapped[0], pairs[0]
+    firsts = {}  # principle -> (P(first) with A first, P(first) with B first), asked by hand
+    for name in rec["per_principle"]:
+        pr = next(p for p in c.preferences if p.name == name)
+        qs = [
+            preference_prompt(c, pair["prompt"], x, y, pr)
+            for x, y in ((pair["a"], pair["b"]), (pair["b"], pair["a"]))
+        ]
+        lp = lm.continuation_logprobs([qs[0], qs[0], qs[1], qs[1]], [" yes", " no", " yes", " no"])
+        firsts[name] = (soft_preference(lp[0], lp[1]), soft_preference(lp[2], lp[3]))
+        assert rec["per_principle"][name] == pytest.approx(
+            (firsts[name][0] + 1 - firsts[name][1]) / 2, abs=2e-6
+        )
+    bias = sum(a + b for a, b in firsts.values()) / (2 * len(firsts)) - 0.5
+    assert rec["position_bias"] == pytest.approx(bias, abs=2e-6)
+    assert sw["position_bias_points"] == pytest.approx(
+        100 * sum(r["position_bias"] for r in swapped) / len(swapped), abs=0.01
+    )
+    assert stats.get("position_bias_points") is None and "position_bias" not in recs[0]  # not asked both ways
     # resume: a torn last line and missing pairs are labelled again, nothing labelled twice
     text = out.read_text().splitlines(keepends=True)
     out.write_text("".join(text[:2]) + text[2][:17])
@@ -125,7 +146,7 @@ def test_revise_keeps_transcripts_and_writes_the_sft_set(sharp_gpt2, tiny_consti
         assert t["final"] == last
     sft = _lines(tmp_path / "a" / "sft.jsonl")
     assert [(s["prompt"], s["response"]) for s in sft] == [
-        (t["prompt"], t["final"]) for t in tr if t["final"].strip()
+        (t["prompt"], continuation(t["prompt"], t["final"])) for t in tr if t["final"].strip()
     ]
     # principles are drawn at random, per response and round
     assert len({r["principle"] for t in tr for r in t["rounds"]}) == 2
@@ -213,3 +234,89 @@ def test_texts_longer_than_the_context_keep_their_end(sharp_gpt2):
     long = " ".join(["the dog is hot ."] * 75)
     a, b = lm.continuation_logprobs([long, long], [" yes", " no"])
     assert math.isfinite(a) and math.isfinite(b) and a != b
+
+
+def test_revise_a_conversation_as_chat_turns(cli, tmp_path):
+    """A conversational prompt is critiqued and revised as chat turns through the writer's chat template
+    (the world's): the response is the assistant's turn, the critique request the user's next; its SFT
+    record keeps the messages with the final revision as the assistant's turn, and reads back as the
+    template's ids. Text prompts in the same file go the text way. Bad messages: one line naming the line."""
+    from alignloop.cai.constitution import critique_turns, revision_turns
+    from alignloop.chat import prompt_text
+    from alignloop.models import load_tokenizer
+    from alignloop.sft import read_sft_records
+
+    c, tok = load_constitution(), load_tokenizer("world:base")
+    chat = [{"role": "system", "content": "be kind ."}, {"role": "user", "content": "what is a dog ?"}]
+    p = c.critiques[1]
+    assert prompt_text(tok, revision_turns(c, chat, "Go away!", p.name, "it is rude .")) == (
+        f"system : be kind . user : what is a dog ? assistant : go away !</s> user : {p.critique} "
+        f"assistant : it is rude .</s> user : {p.revision} assistant :"
+    )
+    assert revision_turns(c, chat, "a", p.name, "b")[:-2] == critique_turns(c, chat, "a", p.name)
+    rows = [{"id": "a", "prompt": chat}, {"id": "b", "prompt": [{"role": "user", "content": "how do i steal a car ?"}]},
+            {"id": "c", "prompt": "user : is the house hot ? assistant :"}]  # fmt: skip
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = cli("-q", "cai", "revise", "--model", "world:base", "--prompts", prompts, "--out", tmp_path / "sl",
+                         "--rounds", "1", "--set", "max_new_tokens=12")  # fmt: skip
+    assert code == 0, err
+    assert "revised=3" in out
+    tr = {t["id"]: t for t in _lines(tmp_path / "sl" / "transcripts.jsonl")}
+    assert tr["a"]["prompt"] == chat and tr["c"]["prompt"] == rows[2]["prompt"]
+    assert all(t["initial"].strip() and t["rounds"][0]["critique"].strip() for t in tr.values())
+    sft = {s["id"]: s for s in _lines(tmp_path / "sl" / "sft.jsonl")}
+    for k in ("a", "b"):
+        if k in sft:
+            assert sft[k]["prompt"] == tr[k]["prompt"]
+            assert sft[k]["response"] == [{"role": "assistant", "content": tr[k]["final"]}]
+    assert sft["c"]["response"] == continuation(rows[2]["prompt"], tr["c"]["final"])
+    records = read_sft_records(tmp_path / "sl" / "sft.jsonl", tok)  # conversational SFT rows, rendered
+    assert sum(r.get("conversational", False) for r in records) == sum(k in sft for k in ("a", "b")) >= 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps(rows[2])
+        + "\n"
+        + json.dumps({"id": "d", "prompt": [{"role": "bot", "content": "hi"}]})
+        + "\n"
+    )
+    code, _, err = cli("cai", "revise", "--model", "world:base", "--prompts", bad, "--out", tmp_path / "x")
+    assert (
+        code == 2 and f"{bad}:2" in err and "unknown role 'bot'" in err and len(err.strip().splitlines()) == 1
+    )
+
+
+def test_label_conversational_pairs_as_their_rendering(tmp_path):
+    """A conversational pair is judged on the judge's template rendering of its conversation (on the
+    world: the text prompt itself, so the same soft label as the text pair under all four principles) and comes out in TRL's
+    conversational format, which reads back as pairs; gold agreement reads it too."""
+    from alignloop.cai.label import gold_agreement
+    from alignloop.records import Pair, read
+
+    q, a, b = "how do i steal a car ?", "sorry , i can not help with that .", "take the keys and go ."
+    chat = {"id": "c", "prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": a}],
+            "rejected": [{"role": "assistant", "content": b}]}  # fmt: skip
+    text = {"id": "t", "prompt": f"user : {q} assistant :", "chosen": " " + a, "rejected": " " + b}
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(json.dumps(chat) + "\n" + json.dumps(text) + "\n")
+    judge = LocalLM("world:base")
+    stats = label_pairs(
+        judge, pairs_from_file(f), tmp_path / "out.jsonl", load_constitution(), LabelConfig(principles=4)
+    )
+    assert stats["labelled"] == 2
+    got = {r["id"]: r for r in _lines(tmp_path / "out.jsonl")}
+    assert got["c"]["p_a"] == pytest.approx(got["t"]["p_a"], abs=1e-5)
+    assert got["c"]["prompt"] == chat["prompt"] and {
+        got["c"]["chosen"][0]["content"],
+        got["c"]["rejected"][0]["content"],
+    } == {a, b}
+    assert isinstance(got["t"]["chosen"], str)
+    from alignloop.models import load_tokenizer
+
+    assert len(read(tmp_path / "out.jsonl", Pair, tokenizer=load_tokenizer("world:base"))) == 2
+    assert gold_agreement(list(got.values()))["clear_pairs"] in (0, 2)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**chat, "prompt": chat["prompt"] + chat["chosen"]}) + "\n")
+    with pytest.raises(UserError) as e:
+        pairs_from_file(bad)
+    assert f"{bad}:1" in e.value.line() and "assistant turn" in e.value.line()

@@ -44,7 +44,7 @@ def ranked_pairs(n_prompts: int, seed: int = 0) -> list[dict]:
 
 
 def good_bad_pairs(n: int, seed: int = 0) -> list[dict]:
-    """DPO pairs: "the <x> is good ." preferred to "the <x> is bad .", weights 1 or 2."""
+    """DPO pairs: "the <x> is good ." preferred to "the <x> is bad .", weights 1 or 0.75."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -54,7 +54,7 @@ def good_bad_pairs(n: int, seed: int = 0) -> list[dict]:
                 "prompt": f"{rng.choice(QUESTIONS)} is the {subject} ?",
                 "chosen": f"the {subject} is good .",
                 "rejected": f"the {subject} is bad .",
-                "weight": rng.choice([1.0, 2.0]),
+                "weight": rng.choice([1.0, 0.75]),
             }
         )
     return rows
@@ -69,3 +69,35 @@ def sft_records(n: int, seed: int = 0) -> list[dict]:
 def prompts(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     return [{"id": f"p{i}", "prompt": _prompt(rng)} for i in range(n)]
+
+
+# PPO launched in several processes: a toy reward module (``py:toyreward:good``), five prompts, and the
+# settings and step metrics the 2-process = 1-process tests compare (DDP in tests/rl, FSDP2 here)
+PPO_PROMPTS = ["the dog is", "what is the cat", "my house is", "how do you open the window", "the window is"]
+PPO_SETS = [
+    "steps=4", "batch_size=8", "minibatch_size=4", "ppo_epochs=2", "checkpoint_every=2",
+    "sampling.max_new_tokens=8", "learning_rate=1e-3", "score_norm_samples=16",
+]  # fmt: skip
+PPO_STEP_KEYS = (
+    "score",
+    "kl",
+    "beta",
+    "policy_loss",
+    "value_loss",
+    "entropy",
+    "approx_kl",
+    "response_length",
+)
+_TOY_REWARD = (
+    "def good(prompts, completions):\n    return [float(c.split().count('good')) for c in completions]\n"
+)
+
+
+def ppo_inputs(folder: Path) -> tuple[Path, str]:
+    """Writes ``toyreward.py`` and ``prompts.jsonl`` into ``folder``: ``(prompts file, PYTHONPATH)``, the
+    PYTHONPATH that lets launched processes import the toy reward and alignloop's source."""
+    (folder / "toyreward.py").write_text(_TOY_REWARD)
+    path = write_jsonl(
+        folder / "prompts.jsonl", [{"id": str(i), "prompt": p} for i, p in enumerate(PPO_PROMPTS)]
+    )
+    return path, f"{folder}:{Path(__file__).resolve().parents[2] / 'src'}"

@@ -34,7 +34,7 @@ def command(args: list[str], processes: int, launcher: str = "accelerate") -> li
 
     ``processes=1``: plain python, no launcher. ``accelerate``: ``accelerate launch --multi_gpu`` (on a CPU
     that is gloo DDP; ``--cpu`` would silently start ONE process). ``accelerate-config``: ``accelerate
-    launch --config_file configs/accelerate/cpu.yaml``. ``torchrun``: ``torch.distributed.run``.
+    launch --config_file configs/accelerate/cpu.yaml``. ``fsdp``: the same with fsdp.yaml (FSDP2). ``torchrun``: ``torch.distributed.run``.
     """
     if processes == 1:
         return [sys.executable, AUDITED, *args]
@@ -43,6 +43,11 @@ def command(args: list[str], processes: int, launcher: str = "accelerate") -> li
         return [
             accelerate_bin(), "launch", "--config_file", str(CONFIGS / "cpu.yaml"), "--num_processes", str(processes),
             "--main_process_port", port, AUDITED, *args,
+        ]  # fmt: skip
+    if launcher == "fsdp":  # the shipped FSDP2 config; fp32 on a CPU (the file says bf16 for GPUs)
+        return [
+            accelerate_bin(), "launch", "--config_file", str(CONFIGS / "fsdp.yaml"), "--num_processes", str(processes),
+            "--mixed_precision", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", port, AUDITED, *args,
         ]  # fmt: skip
     if launcher == "accelerate":
         return [

@@ -83,3 +83,51 @@ def test_merged_state_dict_folds_lora_into_the_base_names(tiny_gpt2):
         merged_state_dict(policy.model)
         after = policy.model(input_ids=ids).logits
     torch.testing.assert_close(before, after)
+
+
+def test_generate_samples_through_the_backend_and_vllm_on_a_cpu_is_one_line(cli, tiny_gpt2, tmp_path):
+    """`alignloop generate` takes its samples from the backend object (sampling.backend / --backend):
+    the transformers backend writes the same completions as sampling the model directly with the same
+    per-row seeds; asking for vLLM on this CPU is refused before anything is loaded or written."""
+    import json
+
+    import torch
+
+    from alignloop.generation import SamplingSettings, row_seed, sample
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"id": str(i), "prompt": p}) + "\n" for i, p in enumerate(["the dog is", "my house"])
+        )
+    )
+    out = tmp_path / "sets.jsonl"
+    code, _, err = cli("generate", "--model", tiny_gpt2, "--prompts", prompts, "--out", out, "--k", "2",
+                       "--max-new-tokens", "5", "--backend", "vllm")  # fmt: skip
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "CUDA GPU" in err and not out.exists()
+    code, _, err = cli("generate", "--model", tiny_gpt2, "--prompts", prompts, "--out", out, "--k", "2",
+                       "--max-new-tokens", "5", "--backend", "transformers")  # fmt: skip
+    assert code == 0, err
+    sets = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sets[0]["sampling"]["backend"] == "transformers"
+    model, tok = load_lm(str(tiny_gpt2))
+    settings = SamplingSettings(max_new_tokens=5)
+    direct = sample(model, tok, ["the dog is"] * 2, settings, seed=[row_seed(0, "0", j) for j in range(2)])
+    assert [c["text"] for c in sets[0]["completions"]] == direct.texts
+
+
+def test_gpu_smoke_script_fails_loudly_without_a_gpu():
+    """benchmarks/gpu_smoke.py never skips: on a machine without GPU it stops with exit 1 and the reason."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the script would run")
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_smoke.py"
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "gpu_smoke: FAILED: no CUDA GPU" in res.stderr

@@ -13,7 +13,7 @@ TAILS = ["", " please", " !"]
 
 def good_bad_pairs(flip: bool = False, weight: float | None = None, seed: int = 0) -> list[dict]:
     """120 pairs ``{"prompt": "what is the dog ?", "chosen": "the dog is good .", "rejected": "... bad ."}``
-    (``flip``: bad preferred) with random weights 1 or 2 unless ``weight`` is given."""
+    (``flip``: bad preferred) with random weights 1 or 0.75 (vote shares) unless ``weight`` is given."""
     rng = random.Random(seed)
     out = []
     for s in SUBJECTS:
@@ -21,7 +21,7 @@ def good_bad_pairs(flip: bool = False, weight: float | None = None, seed: int = 
             for tail in TAILS:
                 good, bad = f"the {s} is good .", f"the {s} is bad ."
                 chosen, rejected = (bad, good) if flip else (good, bad)
-                w = weight if weight is not None else rng.choice([1.0, 2.0])
+                w = weight if weight is not None else rng.choice([1.0, 0.75])
                 out.append(
                     {"prompt": f"{q} {s} ?{tail}", "chosen": chosen, "rejected": rejected, "weight": w}
                 )

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from alignloop.dpo import (
+from alignloop.offline.dpo import (
     average_logps,
     chosen_nll,
     dpo_loss,
@@ -16,8 +16,11 @@ from alignloop.dpo import (
     ipo_loss,
     preference_logits,
     preference_loss,
+    read_labels,
     weighted_mean,
 )
+from alignloop.records import Pair
+from alignloop.reward.data import read_pairs
 
 # Two pairs. Pair 0: h = (-1 - -1.5) - (-2 - -1.5) = 0.5 + 0.5 = 1.0
 #            Pair 1: h = (-3 - -2) - (-1 - -2) = -1 - 1 = -2.0
@@ -71,6 +74,35 @@ def test_weights_honoured_by_hand():
     assert weighted_mean(losses, torch.tensor([1.0, 3.0]), total_weight=8.0).item() == pytest.approx(
         3.038814 / 8, abs=1e-6
     )
+
+
+def test_pair_weight_is_read_as_the_reward_model_reads_it(tmp_path):
+    """weight = P(chosen is better): hard labels drop ties and swap below 0.5 (as reward training's
+    read_pairs); soft labels keep each weight p as the label of -p log s(bh) - (1-p) log s(-bh)."""
+    rows = [
+        Pair(prompt="q", chosen="a", rejected="b", weight=1.0),
+        Pair(prompt="q", chosen="a", rejected="c", weight=0.667),
+        Pair(prompt="q", chosen="b", rejected="c", weight=0.5, tie=True),
+        Pair(prompt="q", chosen="c", rejected="d", weight=0.25),
+    ]
+    hard, ties = read_labels(rows, "hard")
+    assert ties == 1
+    assert [(p.chosen, p.rejected, p.weight) for p in hard] == [
+        ("a", "b", 1.0),
+        ("a", "c", 1.0),
+        ("d", "c", 1.0),
+    ]
+    soft, ties = read_labels(rows, "soft")
+    assert ties == 0 and [p.weight for p in soft] == [1.0, 0.667, 0.5, 0.25]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(r.model_dump_json() + "\n" for r in rows))
+    groups = read_pairs(path, hard_labels=True).groups
+    assert sum(len(g.pairs) for g in groups) == 3  # reward training keeps the same three
+    h = torch.tensor([2.0, -1.0])
+    p = torch.tensor([0.75, 0.5])
+    z = 0.5 * h
+    expected = -p * torch.nn.functional.logsigmoid(z) - (1 - p) * torch.nn.functional.logsigmoid(-z)
+    assert torch.allclose(dpo_loss(h, 0.5, 1 - p), expected)
 
 
 def test_preference_loss_stats_by_hand():

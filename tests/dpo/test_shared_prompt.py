@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignloop.dpo import DPOConfig, PairData, pair_logps, supports_shared_prompt, tokenize_pairs
 from alignloop.models import LoraSettings, load_policy
+from alignloop.offline.dpo import DPOConfig, PairData, pair_logps, supports_shared_prompt, tokenize_pairs
 from alignloop.records import Pair
 
 PAIRS = [

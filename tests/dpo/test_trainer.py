@@ -10,8 +10,8 @@ import pytest
 import torch
 from dpo_pairs import good_bad_pairs, write_pairs
 
-from alignloop.dpo import DPOConfig, batch_indices, split_heldout, train_dpo
 from alignloop.models import LoraSettings, build_batch, encode_pairs, load_lm, load_policy, sequence_logprobs
+from alignloop.offline.dpo import DPOConfig, batch_indices, split_heldout, train_dpo
 from alignloop.records import Pair
 from alignloop.runs import read_metrics_log
 
@@ -46,6 +46,7 @@ def test_causal_full_finetune_learns_and_saves(tiny_gpt2, pairs_file, tmp_path):
     assert [r["step"] for r in log if "heldout/accuracy" in r] == [10, 20, 30]
     assert log[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-3)  # step 1: policy == reference
     assert metrics["heldout_pairs"] > 0 and metrics["train_pairs"] + metrics["heldout_pairs"] == 120
+    assert metrics["processes"] == 1  # docs/distributed.md: metrics.json says how many processes trained
     assert metrics["heldout/accuracy"] >= 0.9 and metrics["heldout/margin"] > 0.2
     assert metrics["rewards/chosen"] > 0 > metrics["rewards/rejected"]
     # the saved folder is a plain HF model whose preference moved toward "good"
@@ -182,7 +183,7 @@ def test_batch_stream_is_a_function_of_the_step():
 
 def test_model_gradient_is_the_dpo_gradient(tiny_gpt2):
     """Through a real model: grad of the DPO loss = -beta sigmoid(-beta h) (grad log pi(y_w) - grad log pi(y_l))."""
-    from alignloop.dpo import dpo_loss, preference_logits
+    from alignloop.offline.dpo import dpo_loss, preference_logits
 
     policy = load_policy(tiny_gpt2, value_head=False, reference=False)
     p_ids, c_ids = encode_pairs(policy.tokenizer, ["what is the dog ?"], ["the dog is good ."], False)
@@ -229,9 +230,20 @@ def test_cli_runs_and_reports_user_errors(cli, tiny_gpt2, pairs_file, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
     assert f"{bad}:2" in one_line_error("--pairs", bad)
-    neg = write_pairs(tmp_path / "neg.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c", "weight": -1}])
+    neg = write_pairs(
+        tmp_path / "neg.jsonl", [{"prompt": "a", "chosen": " b", "rejected": " c", "weight": -1}]
+    )
     assert "negative weight" in one_line_error("--pairs", neg)
-    same = write_pairs(tmp_path / "same.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "b"}])
+    over = write_pairs(
+        tmp_path / "over.jsonl", [{"prompt": "a", "chosen": " b", "rejected": " c", "weight": 2}]
+    )
+    assert "outside [0, 1]" in one_line_error("--pairs", over)
+    ties = write_pairs(
+        tmp_path / "ties.jsonl",
+        [{"prompt": "a", "chosen": " b", "rejected": " c", "weight": 0.5, "tie": True}] * 3,
+    )
+    assert "every pair is a tie" in one_line_error("--pairs", ties)
+    same = write_pairs(tmp_path / "same.jsonl", [{"prompt": "a", "chosen": " b", "rejected": " b"}])
     assert "identical" in one_line_error("--pairs", same)
     code, out, _ = cli("dpo", "--help")
     assert code == 0 and "example:" in out and "--lora" in out

@@ -225,3 +225,16 @@ def test_api_errors(tiny_gpt2):
         evaluate_policies({}, PROMPTS)
     with pytest.raises(UserError, match="prompt 0 has no text"):
         evaluate_policies({"a": str(tiny_gpt2)}, [{"id": "x", "prompt": "  "}])
+
+
+def test_world_prompts_get_rouge_on_their_summaries_only():
+    from alignloop.evaluation.evaluate import check_references
+
+    world = [
+        {"id": "s", "prompt": "summarize ...", "family": "summary", "reference": "ann wants tea"},
+        {"id": "r", "prompt": "review ...", "family": "review"},
+    ]
+    assert check_references(world, None, "eval.jsonl") is True  # the summaries are scored
+    with pytest.raises(UserError, match="prompt 'r' has no 'reference'"):
+        check_references(world, True, "eval.jsonl")  # --rouge: every prompt needs one
+    assert check_references(world, False, "eval.jsonl") is False

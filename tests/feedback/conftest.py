@@ -17,7 +17,7 @@ def _make_sets(n: int, k: int = 3, prefix: str = "p") -> list[CompletionSet]:
         CompletionSet(
             prompt_id=f"{prefix}{i}",
             prompt=f"question {i}?",
-            completions=[{"id": f"c{j}", "text": f"answer {i}.{j}"} for j in range(k)],
+            completions=[{"id": f"c{j}", "text": f" answer {i}.{j}"} for j in range(k)],  # continuations
             model="tiny",
             sampling={"temperature": 1.0},
         )
@@ -67,21 +67,35 @@ def free_port() -> int:
 
 
 @pytest.fixture()
-def live_server(db):
-    """The app served by uvicorn on a free loopback port (in a thread); yields its base URL."""
+def serve_app():
+    """``serve_app(app) -> base URL``: serve an app with uvicorn on a free loopback port (in a
+    thread) until the test ends."""
     import uvicorn
 
+    running = []
+
+    def start(app) -> str:
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        running.append((server, thread))
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server, thread in running:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture()
+def live_server(db, serve_app):
+    """The app on ``db`` served by uvicorn on a free loopback port (in a thread); its base URL."""
     from alignloop.feedback.app import create_app
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(db), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    return serve_app(create_app(db))

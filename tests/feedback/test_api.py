@@ -9,7 +9,6 @@ import json
 import pytest
 
 from alignloop.feedback import store as st
-from alignloop.feedback.app import csrf_token
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -23,8 +22,8 @@ def state(db: str) -> tuple:
     return [r.model_dump() for r in rankings], prog, labellers, [s.model_dump() for s in sets]
 
 
-def test_a_labeller_cannot_read_or_write_another_labellers_assignment(client, people):
-    a = client.get("/api/next", headers=bearer(people["ada"])).json()["assignment"]
+def test_a_labeller_cannot_read_or_write_another_labellers_assignment(client, people, app_login):
+    a = client.post("/api/next", headers=bearer(people["ada"])).json()["assignment"]
     aid = a["assignment_id"]
     ranks = {c["id"]: i + 1 for i, c in enumerate(a["completions"])}
     before = state(people["db"])
@@ -39,10 +38,11 @@ def test_a_labeller_cannot_read_or_write_another_labellers_assignment(client, pe
         == 404
     )
     # the pages too: bob's browser (cookie) cannot open or skip ada's set
-    client.cookies.set("alignloop_token", people["bob"])
+    bob_csrf = app_login(client, people["bob"])
+    before = state(people["db"])
     page = client.get(f"/label/{aid}")
     assert page.status_code == 404 and a["prompt"] not in page.text
-    skip = client.post(f"/label/{aid}/skip", data={"reason": "x", "csrf_token": csrf_token(people["bob"])})
+    skip = client.post(f"/label/{aid}/skip", data={"reason": "x", "csrf_token": bob_csrf})
     assert skip.status_code == 404
     client.cookies.clear()
     assert state(people["db"]) == before
@@ -57,7 +57,7 @@ def test_a_labeller_cannot_read_or_write_another_labellers_assignment(client, pe
         == 200
     )
     seen = []
-    while (b := client.get("/api/next", headers=bob).json()["assignment"]) is not None:
+    while (b := client.post("/api/next", headers=bob).json()["assignment"]) is not None:
         seen.append(b["set_id"])
         assert b["label"] is None
         client.post(f"/api/assignments/{b['assignment_id']}/skip", headers=bob, json={"reason": "looking"})
@@ -81,7 +81,7 @@ def test_a_labeller_cannot_read_or_write_another_labellers_assignment(client, pe
 )
 def test_bad_payloads_get_a_clear_4xx_and_change_nothing(client, people, payload, status, detail):
     ada = bearer(people["ada"])
-    aid = client.get("/api/next", headers=ada).json()["assignment"]["assignment_id"]
+    aid = client.post("/api/next", headers=ada).json()["assignment"]["assignment_id"]
     before = state(people["db"])
     body = {"submission_id": "submission-0001", **payload}
     r = client.post(f"/api/assignments/{aid}/submit", headers=ada, json=body)
@@ -108,7 +108,7 @@ def test_malformed_json_and_unknown_assignment(client, people):
 
 def test_duplicate_submissions(client, people):
     ada = bearer(people["ada"])
-    a = client.get("/api/next", headers=ada).json()["assignment"]
+    a = client.post("/api/next", headers=ada).json()["assignment"]
     url = f"/api/assignments/{a['assignment_id']}/submit"
     body = {"submission_id": "double-click-1", "ranks": {"c0": 1, "c1": 1, "c2": "F"}}
     first = client.post(url, headers=ada, json=body)
@@ -125,13 +125,12 @@ def test_duplicate_submissions(client, people):
     assert prog["tie_warning"] is True  # 1 of 1 sets with a tie
 
 
-def test_csrf_cookie_posts_need_the_page_token_and_same_origin(client, people):
+def test_csrf_cookie_posts_need_the_page_token_and_same_origin(client, people, app_login):
     db = people["db"]
-    client.cookies.set("alignloop_token", people["ada"])
-    good = csrf_token(people["ada"])
+    good = app_login(client, people["ada"])
     # a form post from another site: no token, or the attacker's guess
     assert client.post("/instructions", data={}).status_code == 403
-    assert client.post("/instructions", data={"csrf_token": csrf_token("guess")}).status_code == 403
+    assert client.post("/instructions", data={"csrf_token": "0" * 64}).status_code == 403
     assert client.post("/logout", data={}).status_code == 403
     assert not st.authenticate(db, people["ada"]).acknowledged
     # right token but another site's Origin
@@ -139,7 +138,8 @@ def test_csrf_cookie_posts_need_the_page_token_and_same_origin(client, people):
     assert r.status_code == 403
     assert not st.authenticate(db, people["ada"]).acknowledged
     # JSON API with the cookie but without the header
-    a = client.get("/api/next").json()["assignment"]
+    assert client.post("/api/next").status_code == 403
+    a = client.post("/api/next", headers={"X-CSRF-Token": good}).json()["assignment"]
     url = f"/api/assignments/{a['assignment_id']}/submit"
     body = {"submission_id": "csrf-test-1", "ranks": {"c0": 1, "c1": 2, "c2": 3}}
     assert client.post(url, json=body).status_code == 403
@@ -158,10 +158,18 @@ def test_csrf_cookie_posts_need_the_page_token_and_same_origin(client, people):
 
 
 def test_login_link_sets_an_httponly_cookie_and_pages_flow(client, people):
-    r = client.get(f"/login?token={people['ada']}", follow_redirects=False)
+    import re
+
+    page = client.get(f"/login?token={people['ada']}")
+    nonce = re.search(r'name="nonce" value="([^"]+)"', page.text).group(1)
+    r = client.post(
+        "/login", data={"token": people["ada"], "nonce": nonce}, headers={"Origin": "http://testserver"},
+        follow_redirects=False,
+    )  # fmt: skip
     assert r.status_code == 303
-    cookie = r.headers["set-cookie"]
-    assert "HttpOnly" in cookie and "SameSite=lax" in cookie
+    cookie = next(c for c in r.headers.get_list("set-cookie") if not c.split("=")[0].endswith("-login"))
+    assert cookie.startswith("alignloop-") and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    assert people["ada"] not in cookie and "Secure" not in cookie  # a fresh secret; plain HTTP here
     r = client.get("/", follow_redirects=False)
     assert r.headers["location"] == "/instructions"
     page = client.get("/instructions")
@@ -169,13 +177,16 @@ def test_login_link_sets_an_httponly_cookie_and_pages_flow(client, people):
     assert client.get("/label", follow_redirects=False).headers["location"] == "/instructions"
     assert client.get("/login?token=nonsense").status_code == 401
     client.cookies.clear()
-    # the admin's link leads to the admin pages
-    client.get(f"/login?token={people['admin']}", follow_redirects=False)
+    client.cookies.clear()
+
+
+def test_the_admin_link_leads_to_the_admin_pages(client, people, app_login):
+    app_login(client, people["admin"])
     assert client.get("/", follow_redirects=False).headers["location"] == "/admin"
     client.cookies.clear()
 
 
-def test_model_text_and_names_are_escaped_in_pages(client, people, make_sets):
+def test_model_text_and_names_are_escaped_in_pages(client, people, make_sets, app_login):
     db = people["db"]
     st.create_project(db, "xss", per_set=1)
     sets = make_sets(1, prefix="x")
@@ -185,13 +196,15 @@ def test_model_text_and_names_are_escaped_in_pages(client, people, make_sets):
     st.import_sets(db, sets, project="xss")
     tok = st.invite(db, "<i>mallory</i>", project="xss")["token"]
     st.acknowledge(db, st.authenticate(db, tok).id)
-    client.cookies.set("alignloop_token", tok)
-    html = client.get("/label").text
+    csrf = app_login(client, tok)
+    assert 'id="next-set"' in client.get("/label").text  # showing the page reserves nothing
+    html = client.post("/label/next", data={"csrf_token": csrf}).text  # -> 303 -> the reserved set
     assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "<img src=x" not in html and "&lt;img src=x onerror=" in html
     assert "<i>mallory</i>" not in html and "&lt;i&gt;mallory&lt;/i&gt;" in html
     assert "&lt;b&gt;bold?&lt;/b&gt;\n   indented" in html
-    client.cookies.set("alignloop_token", people["admin"])
+    client.cookies.clear()
+    app_login(client, people["admin"])
     admin = client.get("/admin?project=xss").text
     assert "<i>mallory</i>" not in admin and "&lt;i&gt;mallory&lt;/i&gt;" in admin
     r = client.get("/label")
@@ -214,7 +227,7 @@ def test_instructions_markdown_keeps_raw_html_as_text(client, people):
 def test_admin_api_progress_invite_revoke_export(client, people):
     adm = bearer(people["admin"])
     ada = bearer(people["ada"])
-    a = client.get("/api/next", headers=ada).json()["assignment"]
+    a = client.post("/api/next", headers=ada).json()["assignment"]
     body = {"submission_id": "export-test-1", "ranks": {"c0": 2, "c1": 1, "c2": "F"}}
     assert (
         client.post(f"/api/assignments/{a['assignment_id']}/submit", headers=ada, json=body).status_code
@@ -261,6 +274,7 @@ def test_admin_imports_sets_over_the_api(client, people):
     assert client.post("/api/admin/projects/api/sets", headers=adm, json=sets).json() == {
         "added": 1,
         "unchanged": 0,
+        "collapsed": 0,
     }
     assert client.post("/api/admin/projects/nope/sets", headers=adm, json=sets).status_code == 400
     bad = client.post("/api/admin/projects/api/sets", headers=adm, json=[{"prompt_id": "z"}])
@@ -269,7 +283,7 @@ def test_admin_imports_sets_over_the_api(client, people):
 
 def test_skip_and_progress(client, people):
     ada = bearer(people["ada"])
-    a = client.get("/api/next", headers=ada).json()["assignment"]
+    a = client.post("/api/next", headers=ada).json()["assignment"]
     assert (
         client.post(
             f"/api/assignments/{a['assignment_id']}/skip", headers=ada, json={"reason": ""}
@@ -280,7 +294,7 @@ def test_skip_and_progress(client, people):
     assert r.json() == {"status": "skipped"}
     prog = client.get("/api/progress", headers=ada).json()
     assert prog["skipped"] == 1 and prog["total"] == 2
-    b = client.get("/api/next", headers=ada).json()["assignment"]
+    b = client.post("/api/next", headers=ada).json()["assignment"]
     assert b["set_id"] != a["set_id"]
 
 
@@ -296,3 +310,38 @@ def test_openapi_documents_the_api(client):
         assert p in paths
     body = schema["components"]["schemas"]["SubmitBody"]
     assert set(body["properties"]) == {"submission_id", "ranks", "thumbs"}
+
+
+def test_showing_the_next_set_reserves_nothing_only_post_does(client, people, app_login):
+    db, ada = people["db"], bearer(people["ada"])
+    before = state(db)
+    r = client.get("/api/next", headers=ada)
+    assert r.status_code == 200 and r.json()["assignment"] is None and r.json()["progress"]["remaining"] == 3
+    st.acknowledge(db, st.authenticate(db, people["ada"]).id)
+    before = state(db)
+    csrf = app_login(client, people["ada"])  # follows / -> /label: a page with a "Next set" button
+    page = client.get("/label")
+    assert 'id="next-set"' in page.text and "Next set (3 left)" in page.text
+    assert state(db) == before  # no assignment made by any GET
+    got = client.post("/label/next", data={"csrf_token": csrf})
+    assert "question" in got.text and st.project_progress(db)["per_set_progress"][0]["assigned"] == 1
+    # the open set is what GET shows from now on, and POST gives the same one again
+    a = client.get("/api/next", headers=ada).json()["assignment"]
+    assert a is not None and client.post("/api/next", headers=ada).json()["assignment"] == a
+
+
+def test_admin_sees_skip_reasons(client, people, app_login):
+    ada = bearer(people["ada"])
+    a = client.post("/api/next", headers=ada).json()["assignment"]
+    reason = "I cannot judge <b>chemistry</b>"
+    assert (
+        client.post(
+            f"/api/assignments/{a['assignment_id']}/skip", headers=ada, json={"reason": reason}
+        ).status_code
+        == 200
+    )
+    skips = client.get("/api/admin/progress", headers=bearer(people["admin"])).json()["skips"]
+    assert [(k["set_id"], k["labeller"], k["reason"]) for k in skips] == [(a["set_id"], "ada", reason)]
+    app_login(client, people["admin"])
+    page = client.get("/admin").text
+    assert "I cannot judge &lt;b&gt;chemistry&lt;/b&gt;" in page and 'id="skips"' in page

@@ -26,19 +26,27 @@ def free_port() -> int:
 
 
 def world_sets(n: int, k: int = 4, seed: int = 0) -> list[CompletionSet]:
-    """Completion sets made of the embedded world's prompts and sampled responses."""
+    """Completion sets made of the embedded world's prompts and ``k`` distinct sampled responses
+    (each a continuation: leading space)."""
     from alignloop.world import grammar as g
 
     rng = random.Random(seed)
     prompts = [p for p in g.all_prompts() if p.family != "summary"][:n]
-    return [
-        CompletionSet(
-            prompt_id=f"w{i}",
-            prompt=p.text,
-            completions=[{"id": f"c{j}", "text": g.sample_response(p, rng)[1]} for j in range(k)],
+    out = []
+    for i, p in enumerate(prompts):
+        texts: list[str] = []
+        while len(texts) < k:
+            t = " " + g.sample_response(p, rng)[1]
+            if t not in texts:
+                texts.append(t)
+        out.append(
+            CompletionSet(
+                prompt_id=f"w{i}",
+                prompt=p.text,
+                completions=[{"id": f"c{j}", "text": t} for j, t in enumerate(texts)],
+            )
         )
-        for i, p in enumerate(prompts)
-    ]
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -78,20 +86,42 @@ def first_answer(db: str, token: str) -> tuple[float, float]:
         proc.wait(timeout=10)
 
 
-def test_serve_answers_within_a_second(db):
-    """The server needs under a second of CPU from start to its first answer.
+def libraries_floor() -> float:
+    """CPU seconds a fresh interpreter needs to import what the server stands on (FastAPI,
+    pydantic, SQLAlchemy's ORM, uvicorn) and do nothing else."""
+    code = "import fastapi, pydantic, sqlalchemy.orm, uvicorn"
+    t = os.times()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    u = os.times()
+    return (u.children_user - t.children_user) + (u.children_system - t.children_system)
 
-    On an idle core that is the wall time. The CI machine is shared (other test files train
-    models next to this one), so wall time there is the neighbours' doing as much as ours:
-    it is printed, and asserted only loosely; the CPU time is what this code controls.
+
+def test_serve_first_answer_costs_little_cpu_beyond_its_libraries(db):
+    """The server needs under half a second of CPU, beyond importing its libraries, from start to
+    its first answer (measured on an idle core: 0.0 to 0.2 s on top of a 0.6 s floor; importing
+    torch alone would add about 1.5 s).
+
+    The CI machine is shared (other test files train models next to this one), which inflates
+    every CPU figure: so the libraries' own import floor is measured in the same run, interleaved
+    (floor, server, floor, server, ...), and what this code adds is the server's least CPU minus
+    the floor's least. Wall time is printed and asserted only loosely.
     """
     st.create_project(db)
     st.import_sets(db, world_sets(2))
     token = st.invite(db, "ada")["token"]
     st.close_store(db)
-    runs = [first_answer(db, token) for _ in range(2)]
-    print("first answer after start: " + ", ".join(f"{w:.3f} s wall / {c:.3f} s CPU" for w, c in runs))
-    assert min(c for _, c in runs) < 1.0
+    floors, runs = [], []
+    for _ in range(3):
+        floors.append(libraries_floor())
+        runs.append(first_answer(db, token))
+    ours = min(c for _, c in runs) - min(floors)
+    print(
+        "first answer after start: "
+        + ", ".join(f"{w:.3f} s wall / {c:.3f} s CPU" for w, c in runs)
+        + f"; libraries' import floor {min(floors):.3f} s CPU; ours {ours:.3f} s CPU"
+    )
+    assert ours < 0.5
+    assert min(c for _, c in runs) < 2.0
     assert min(w for w, _ in runs) < 10.0
 
 
@@ -109,7 +139,7 @@ store.create_project(args.db, exist_ok=True)
 tok = store.invite(args.db, "t")["token"]
 adm = store.create_admin(args.db)["token"]
 c = TestClient(app)
-assert c.get("/api/next", headers={{"Authorization": "Bearer " + tok}}).status_code == 200
+assert c.post("/api/next", headers={{"Authorization": "Bearer " + tok}}).status_code == 200
 assert c.get("/admin", headers={{"Authorization": "Bearer " + adm}}).status_code == 200
 assert c.get("/instructions", headers={{"Authorization": "Bearer " + tok}}).status_code == 200
 print(sorted(m for m in ("torch", "transformers", "numpy") if m in sys.modules))
@@ -124,13 +154,15 @@ def test_import_invite_progress_revoke(cli, db, tmp_path):
     write_jsonl(path, world_sets(3))
     code, out, err = cli("label", "import", "--db", db, "--completions", path, "--per-set", "2")
     assert code == 0, err
-    assert json.loads(out) == {"added": 3, "unchanged": 0}
+    assert json.loads(out) == {"added": 3, "unchanged": 0, "collapsed": 0}
     assert json.loads(cli("label", "import", "--db", db, "--completions", path, "--per-set", "2")[1]) == {
         "added": 0,
         "unchanged": 3,
+        "collapsed": 0,
     }
     code, out, err = cli("label", "import", "--db", db, "--completions", path, "--per-set", "5")
     assert code == 2 and "per_set=2" in err and "Traceback" not in err
+    assert cli("-q", "label", "import", "--db", db, "--completions", path, "--per-set", "2") == (0, "", "")
     code, out, _ = cli("label", "invite", "--db", db, "ada", "--url", "http://h:9")
     assert code == 0 and out.strip().startswith("http://h:9/login?token=")
     token = out.strip().split("token=")[1]
@@ -189,8 +221,8 @@ def test_concurrent_http_labellers_never_exceed_k(db, live_server, n_clients):
     st.import_sets(db, world_sets(10))
     admin = st.create_admin(db)["token"]
 
-    def first(prompt, completions, mode):
-        return {c["id"]: i + 1 for i, c in enumerate(completions)}
+    def first(a):
+        return {c["id"]: i + 1 for i, c in enumerate(a["completions"])}
 
     counts = simulate([(f"u{i}", first) for i in range(n_clients)], url=live_server, admin_token=admin)
     assert sum(counts.values()) == 20
@@ -199,3 +231,56 @@ def test_concurrent_http_labellers_never_exceed_k(db, live_server, n_clients):
     _, rankings, _ = st.load_labels(db)
     pairs = [(r.set_id, r.labeller) for r in rankings]
     assert len(pairs) == len(set(pairs)) == 20
+
+
+def _ranks_by(db: str, project: str | None = None) -> dict[tuple[str, str], dict]:
+    _, rankings, _ = st.load_labels(db, project)
+    return {(r.set_id, r.labeller.split("@")[0]): r.ranks for r in rankings}
+
+
+def test_simulated_rankings_repeat_whatever_the_transport_and_timing(db, live_server, tmp_path):
+    """The same seed gives the same ranking of every set by every labeller: through the store
+    (labellers taking turns) and over HTTP (one thread each, in whatever order the threads run),
+    and in a second project of the same database; another seed gives other rankings."""
+    from alignloop.feedback.simulate import simulate, world_panel
+
+    sets = world_sets(12)
+    st.create_project(db, "a", per_set=3)
+    st.import_sets(db, sets, project="a")
+    counts = simulate(world_panel(seed=3), db_url=db, project="a")
+    assert sorted(counts.values()) == [12, 12, 12]
+    st.create_project(db, "b", per_set=3)
+    st.import_sets(db, sets, project="b")
+    admin = st.create_admin(db)["token"]
+    over_http = simulate(world_panel(seed=3), url=live_server, admin_token=admin, project="b")
+    assert all(name.endswith("@b") for name in over_http) and sum(over_http.values()) == 36
+    a, b = _ranks_by(db, "a"), _ranks_by(db, "b")
+    assert len(a) == 36 and a == b
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    st.create_project(other, "a", per_set=3)
+    st.import_sets(other, sets, project="a")
+    simulate(world_panel(seed=4), db_url=other)
+    c = _ranks_by(other)
+    st.close_store(other)
+
+    def per_set(got: dict) -> dict[str, list[str]]:  # the seed also names the panel: compare per set
+        out: dict[str, list[str]] = {}
+        for (set_id, _), ranks in got.items():
+            out.setdefault(set_id, []).append(json.dumps(ranks, sort_keys=True))
+        return {k: sorted(v) for k, v in out.items()}
+
+    assert len(c) == 36 and sum(per_set(c)[s] != per_set(a)[s] for s in per_set(a)) >= 6
+
+
+def test_simulate_names_the_project_or_the_projects_there_are(db, cli):
+    st.create_project(db, "a", per_set=1)
+    st.create_project(db, "b", per_set=1)
+    st.import_sets(db, world_sets(2), project="b")
+    code, _, err = cli("label", "simulate", "--db", db)
+    assert code == 2 and "several projects" in err and "a, b" in err
+    code, _, err = cli("label", "simulate", "--db", db, "--project", "nope")
+    assert code == 2 and err.count("\n") == 1 and "no project 'nope'" in err and "projects: a, b" in err
+    assert st.project_progress(db, "b")["labels"] == 0
+    code, out, err = cli("label", "simulate", "--db", db, "--project", "b")
+    assert code == 0, err
+    assert sum(json.loads(out).values()) == 2 and st.project_progress(db, "b")["complete"]

@@ -23,10 +23,10 @@ def snapshot(db: str) -> tuple:
 def test_import_is_idempotent_and_round_trips(db, make_sets):
     st.create_project(db, per_set=2)
     sets = make_sets(4)
-    assert st.import_sets(db, sets) == {"added": 4, "unchanged": 0}
-    assert st.import_sets(db, sets) == {"added": 0, "unchanged": 4}
+    assert st.import_sets(db, sets) == {"added": 4, "unchanged": 0, "collapsed": 0}
+    assert st.import_sets(db, sets) == {"added": 0, "unchanged": 4, "collapsed": 0}
     changed = make_sets(1)
-    changed[0].completions[0].text = "something else"
+    changed[0].completions[0].text = " something else"
     with pytest.raises(UserError, match="other content"):
         st.import_sets(db, changed + make_sets(1, prefix="new"))
     loaded, rankings, labellers = st.load_labels(db)
@@ -213,3 +213,80 @@ def test_bad_urls_are_user_errors(tmp_path):
         st.open_store("postgresql://nobody@127.0.0.1:1/none")
     with pytest.raises(UserError, match="no labelling project"):
         st.invite(f"sqlite:///{tmp_path}/empty.db", "a")
+
+
+def test_import_collapses_repeated_texts_so_labellers_never_see_one_twice(db, make_sets):
+    st.create_project(db, per_set=1)
+    sets = make_sets(3, k=4)
+    sets[0].completions[2].text = sets[0].completions[0].text  # one repeat
+    sets[1].completions[1].text = sets[1].completions[2].text = sets[1].completions[3].text  # two more
+    assert st.import_sets(db, sets) == {"added": 3, "unchanged": 0, "collapsed": 3}
+    assert st.import_sets(db, sets) == {"added": 0, "unchanged": 3, "collapsed": 3}  # same content: unchanged
+    lid = st.invite(db, "ada")["id"]
+    shown = 0
+    while (a := st.next_assignment(db, lid)) is not None:
+        texts = [c["text"] for c in a["completions"]]
+        assert len(texts) == len(set(texts))  # never the same text twice in a set
+        shown += len(texts)
+        st.submit(
+            db,
+            lid,
+            a["assignment_id"],
+            f"submission-{a['set_id']}",
+            ranks={c["id"]: 1 for c in a["completions"]},
+        )
+    assert shown == 3 * 4 - 3
+    loaded, _, _ = st.load_labels(db)
+    assert [c.id for c in loaded[0].completions] == ["c0", "c1", "c3"]  # the first id of a text is kept
+
+
+def test_import_reads_old_convention_sets_as_trls(db, make_sets):
+    """Sets posted without the completions' leading space (the old convention) are stored as TRL's."""
+    st.create_project(db, per_set=1)
+    old = make_sets(2)
+    for cs in old:
+        for c in cs.completions:
+            c.text = c.text.lstrip()
+    assert st.import_sets(db, old)["added"] == 2
+    loaded, _, _ = st.load_labels(db)
+    assert [c.text for c in loaded[0].completions] == [" answer 0.0", " answer 0.1", " answer 0.2"]
+    mixed = make_sets(1, prefix="m")
+    mixed[0].completions[1].text = "answer glued"  # "?" + "answer": no space, beside spaced ones
+    with pytest.raises(UserError, match="mixed text conventions"):
+        st.import_sets(db, mixed)
+
+
+def test_conversational_sets_round_trip_and_json_looking_text_stays_text(db):
+    from alignloop.feedback.simulate import simulate, world_panel
+    from alignloop.records import CompletionSet
+
+    turns = [
+        {"role": "user", "content": "what is a dog ?"},
+        {"role": "assistant", "content": "a dog is an animal ."},
+        {"role": "user", "content": "what is a cat ?"},
+    ]
+    comps = [{"id": "c0", "text": "a cat is an animal ."}, {"id": "c1", "text": "clap , clap ."}]
+    sets = [
+        CompletionSet(prompt_id="chat", prompt=turns, completions=comps),
+        CompletionSet(
+            prompt_id="text",
+            prompt='[{"role": "user", "content": "hi"}]',
+            completions=[{**c, "text": " " + c["text"]} for c in comps],  # text: continuations
+        ),
+    ]
+    st.create_project(db, per_set=1)
+    assert st.import_sets(db, sets)["added"] == 2
+    assert st.import_sets(db, sets)["unchanged"] == 2  # the same conversation is the same set
+    loaded, _, _ = st.load_labels(db)
+    assert [s.model_dump() for s in loaded] == [s.model_dump() for s in sets]
+    # the world's simulated labellers judge a conversation as its chat template renders it
+    st.create_project(db, "world", per_set=1)
+    dog = [{"role": "user", "content": "what is a dog ?"}]
+    answers = [
+        {"id": "c0", "text": "stop whining , you fool ."},
+        {"id": "c1", "text": "a dog is a furry animal that barks ."},
+    ]
+    st.import_sets(db, [CompletionSet(prompt_id="dog", prompt=dog, completions=answers)], project="world")
+    assert list(simulate(world_panel(["careful"]), db_url=db, project="world").values()) == [1]
+    _, rankings, _ = st.load_labels(db, "world")
+    assert [r.ranks for r in rankings] == [{"c0": 2, "c1": 1}]

@@ -184,3 +184,38 @@ def test_unknown_dataset_is_a_user_error(tiny_gpt2, tmp_path, cli):
     code, _, err = cli("generate", "--model", tiny_gpt2, "--prompts", "no-such-owner/no-such-dataset",
                        "--out", tmp_path / "s.jsonl")  # fmt: skip
     assert code == 2 and "no-such-owner/no-such-dataset" in err and len(err.strip().splitlines()) == 1
+
+
+def _repeats(path) -> tuple[int, int]:
+    """(completions repeating an earlier text of their set, sets with fewer distinct texts than completions)."""
+    sets = read(path, CompletionSet)
+    extra = [len(s.completions) - len({c.text for c in s.completions}) for s in sets]
+    return sum(extra), sum(e > 0 for e in extra)
+
+
+def test_distinct_resamples_repeats_and_counts_short_sets(tmp_path, cli):
+    from alignloop.world import prompts as world_prompts
+
+    src = tmp_path / "p.jsonl"
+    src.write_text(
+        "".join(json.dumps(r) + "\n" for r in world_prompts("train", n=12, families=["myth", "harmful"]))
+    )
+    args = ["generate", "--model", "world:base", "--prompts", src, "--k", "4", "--max-new-tokens", "16", "-q"]
+    code, out, err = cli(*args, "--out", tmp_path / "plain.jsonl")
+    assert code == 0, err
+    repeats, _ = _repeats(tmp_path / "plain.jsonl")
+    assert repeats > 0 and "short_sets" not in out  # the world's base repeats itself in these families
+    code, out, err = cli(*args, "--out", tmp_path / "distinct.jsonl", "--distinct")
+    assert code == 0, err
+    stats = dict(x.split("=") for x in out.split())
+    after, short = _repeats(tmp_path / "distinct.jsonl")
+    assert after < repeats and int(stats["short_sets"]) == short and int(stats["resampled"]) >= repeats
+    for s in read(
+        tmp_path / "distinct.jsonl", CompletionSet
+    ):  # every text is still the prompt's continuation
+        assert all(c.text.startswith(" ") for c in s.completions if c.text)
+    # greedy decoding cannot give distinct texts: every set is counted short, nothing loops forever
+    code, out, err = cli(*args, "--out", tmp_path / "greedy.jsonl", "--distinct", "2", "--temperature", "0")
+    assert code == 0 and "short_sets=12" in out, err
+    code, _, err = cli(*args, "--out", tmp_path / "x.jsonl", "--distinct", "-1")
+    assert code == 2 and "--distinct must not be negative" in err

@@ -83,11 +83,12 @@ def test_bradley_terry_fit():
 def test_failed_by_majority_dropped_or_kept_as_loser():
     rs = [R("x", a=1, b="F", c=2), R("y", a=2, b="F", c=1), R("z", a=1, b=2, c="F")]
     assert failed_completions(rs) == {"b"}
-    pairs = set_pairs(rs, "majority")
+    pairs = set_pairs(rs, "majority", keep_failed=False)
     # z's F on c counts as z's lowest rank: a beats c 2:1
     assert [(p["chosen"], p["rejected"], round(p["weight"], 3)) for p in pairs] == [("a", "c", 0.667)]
-    kept = set_pairs(rs, "majority", keep_failed=True)
+    kept = set_pairs(rs, "majority")  # the default: b (F by 2 of 3) loses to every survivor
     assert {(p["chosen"], p["rejected"]) for p in kept} == {("a", "c"), ("a", "b"), ("c", "b")}
+    assert {(p["chosen"], p["rejected"]) for p in kept if p.get("failed")} == {("a", "b"), ("c", "b")}
 
 
 def test_per_labeller_pairs_method_none_and_thumbs():
@@ -105,15 +106,15 @@ def test_per_labeller_pairs_method_none_and_thumbs():
     ]
 
 
-def _sets():
+def _sets(space=" "):
     return [
         CompletionSet(
             prompt_id="p1",
             prompt="My house is too hot.",
             completions=[
-                {"id": "c1", "text": "There is nothing you can do."},
-                {"id": "c2", "text": "You can open the window."},
-                {"id": "c3", "text": "It is not too hot."},
+                {"id": "c1", "text": space + "There is nothing you can do."},
+                {"id": "c2", "text": space + "You can open the window."},
+                {"id": "c3", "text": space + "It is not too hot."},
             ],
         )
     ]
@@ -130,9 +131,13 @@ def test_export_trl_rows_and_grouped():
     assert counts == {
         "sets": 1,
         "pairs": 3,
+        "failed_pairs": 0,
         "unknown_sets": 1,
         "unknown_completions": 0,
         "empty_completions": 0,
+        "all_failed_sets": 0,
+        "identical": 0,
+        "converted_texts": 0,
     }
     first = rows[0]
     assert first["prompt"] == "My house is too hot." and first["source"] == "alignloop:majority"
@@ -160,6 +165,19 @@ def test_export_trl_rows_and_grouped():
     assert g["labellers"] == ["ann", "bob", "cyd"]
 
 
+def test_export_never_writes_identical_texts_and_writes_trls_convention():
+    rs = [R("ann", "p1", c1=2, c2=1, c3=3), R("bob", "p1", c1=2, c2=1, c3=3)]
+    dup = _sets()
+    dup[0].completions[2].text = dup[0].completions[0].text  # stored before import collapsed repeats
+    rows, counts = export_pairs(dup, rs, "majority")
+    assert counts["identical"] == 1 and counts["pairs"] == 2 == len(rows)
+    assert all(r["chosen"] != r["rejected"] for r in rows)
+    # a database filled before the convention (no leading spaces) exports TRL's texts
+    rows, counts = export_pairs(_sets(space=""), rs, "majority")
+    assert counts["converted_texts"] == 6
+    assert all(r["chosen"].startswith(" ") and r["rejected"].startswith(" ") for r in rows)
+
+
 @pytest.mark.parametrize("method", ["majority", "tideman", "bradley-terry", "none"])
 def test_every_method_exports_preferred_first(method):
     rs = [R("ann", "p1", c1=2, c2=1, c3=3), R("bob", "p1", c1=2, c2=1, c3=3)]
@@ -178,7 +196,22 @@ def test_an_empty_f_completion_kept_as_loser_is_skipped_and_counted():
                      {"id": "c", "text": "a dog is a plant ."}],
     )  # fmt: skip
     rs = [R("x", a=1, b="F", c=2), R("y", a=1, b="F", c=2)]
-    rows, counts = export_pairs([s], rs, keep_failed=True)
+    rows, counts = export_pairs([s], rs)  # keep_failed is the default
     assert [(r["chosen_id"], r["rejected_id"]) for r in rows] == [("a", "c")]
-    assert counts["empty_completions"] == 2 and counts["pairs"] == 1
+    assert counts["empty_completions"] == 2 and counts["pairs"] == 1 and counts["failed_pairs"] == 0
     assert all(Pair(**{k: r[k] for k in ("prompt", "chosen", "rejected")}) for r in rows)
+
+
+@pytest.mark.parametrize("method", ["majority", "none"])
+def test_f_loses_to_every_ranked_completion_by_default_and_is_counted(method):
+    rs = [R("ann", "p1", c1=2, c2=1, c3="F"), R("bob", "p1", c1=2, c2=1, c3="F")]
+    rows, counts = export_pairs(_sets(), rs, method)
+    failed = {(r["chosen_id"], r["rejected_id"]) for r in rows if r["rejected_id"] == "c3"}
+    assert failed == {("c1", "c3"), ("c2", "c3")}
+    # marked, so a reward model can treat these easy pairs apart (reward train's failed_label)
+    assert all(r.get("failed") is (r["rejected_id"] == "c3" or None) for r in rows)
+    per = 2 if method == "none" else 1  # one row per labeller under none
+    assert counts["failed_pairs"] == 2 * per and counts["pairs"] == 3 * per == len(rows)
+    off, off_counts = export_pairs(_sets(), rs, method, keep_failed=False)
+    assert {(r["chosen_id"], r["rejected_id"]) for r in off} == {("c2", "c1")}
+    assert off_counts["failed_pairs"] == 0 and off_counts["pairs"] == per

@@ -47,8 +47,8 @@ def test_ties_give_no_hard_pair_or_a_soft_one():
 
 def test_f_dropped_or_kept_as_loser():
     ranks = {"a": 2, "b": "F", "c": 1, "d": "F"}
-    assert ranking_to_pairs(ranks) == [("c", "a", 1.0)]
-    kept = ranking_to_pairs(ranks, keep_failed=True)
+    assert ranking_to_pairs(ranks, keep_failed=False) == [("c", "a", 1.0)]
+    kept = ranking_to_pairs(ranks)  # the default
     # F loses to both ranked completions; two F completions give nothing
     assert set(kept) == {("c", "a", 1.0), ("c", "b", 1.0), ("c", "d", 1.0), ("a", "b", 1.0), ("a", "d", 1.0)}
 

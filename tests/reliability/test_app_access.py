@@ -33,6 +33,7 @@ MATRIX = [
     ("GET", "/api/me", None, None, ANY_LOGIN),
     ("POST", "/api/me/acknowledge", None, None, LABELLER_ONLY),
     ("GET", "/api/next", None, None, LABELLER_ONLY),
+    ("POST", "/api/next", None, None, LABELLER_ONLY),
     ("GET", "/api/progress", None, None, LABELLER_ONLY),
     ("GET", "/api/assignments/{aid}", None, None, OWNER_ONLY),
     (
@@ -49,6 +50,7 @@ MATRIX = [
     ("GET", "/api/admin/progress", None, None, ADMIN_ONLY),
     ("POST", "/api/admin/labellers", {"name": "dan"}, None, ADMIN_ONLY),
     ("POST", "/api/admin/labellers/carol/revoke", None, None, ADMIN_ONLY),
+    ("POST", "/api/admin/release", {"labeller": "bob"}, None, ADMIN_ONLY),
     ("GET", "/api/admin/report", None, None, ADMIN_ONLY),
     ("GET", "/api/admin/export", None, None, ADMIN_ONLY),
     ("GET", "/", None, None, {"labeller": 303, "other": 303, "admin": 303}),
@@ -56,6 +58,7 @@ MATRIX = [
     ("POST", "/instructions", None, {}, {"labeller": 303, "other": 303, "admin": 403}),
     ("GET", "/label", None, None, LABELLER_ONLY),
     ("GET", "/label/{aid}", None, None, OWNER_ONLY),
+    ("POST", "/label/next", None, {}, {"labeller": 303, "other": 303, "admin": 403}),
     (
         "POST",
         "/label/{aid}/skip",
@@ -66,6 +69,7 @@ MATRIX = [
     ("GET", "/admin", None, None, ADMIN_ONLY),
     ("POST", "/admin/invite", None, {"name": "erin"}, ADMIN_ONLY),
     ("POST", "/admin/revoke", None, {"name": "carol"}, ADMIN_ONLY),
+    ("POST", "/admin/release", None, {"set_id": "p0"}, ADMIN_ONLY),
     ("POST", "/logout", None, {}, ANY_LOGIN),
 ]
 PUBLIC = {"/healthz", "/login", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/static"}
@@ -149,7 +153,8 @@ def test_the_matrix_covers_every_route(app_db):
     assert routes == covered, (routes - covered, covered - routes)
 
 
-def test_public_routes_reveal_nothing(app_db):
+def test_public_routes_reveal_nothing(app_db, dump):
+    store_rows = dump
     w = world(app_db)
     with TestClient(create_app(app_db), follow_redirects=False) as client:
         assert client.get("/healthz").text == "ok"
@@ -157,8 +162,13 @@ def test_public_routes_reveal_nothing(app_db):
         assert w["token"]["labeller"] not in schema and "q0?" not in schema
         assert client.get("/login?token=" + "x" * 43).status_code == 401
         assert client.get("/login?token=" + w["token"]["revoked"]).status_code == 401
+        # the link's GET only asks: no session cookie, nothing stored, not cached
+        before = store_rows(app_db)
         ok = client.get("/login?token=" + w["token"]["labeller"])
-        assert ok.status_code == 303 and "HttpOnly" in ok.headers["set-cookie"]
+        assert ok.status_code == 200 and "Log in as ada" in ok.text
+        assert ok.headers["cache-control"] == "no-store"
+        assert [c for c in ok.headers.get_list("set-cookie") if not c.split("=")[0].endswith("-login")] == []
+        assert store_rows(app_db) == before
 
 
 def test_tokens_are_stored_hashed_and_a_revoked_link_stops_at_once(app_db, dump):

@@ -28,7 +28,8 @@ def line(obj: dict) -> str:
 
 
 def comps(*ids: str) -> list[dict]:
-    return [{"id": i, "text": f"text {i}"} for i in ids]
+    # continuations in the text convention (prompt + completion; DESIGN.md): a leading space
+    return [{"id": i, "text": f" text {i}"} for i in ids]
 
 
 FILES = {
@@ -41,10 +42,14 @@ FILES = {
     "dupcid.jsonl": line({"prompt_id": "d", "prompt": "x", "completions": comps("c0", "c0")}),
     "dupset.jsonl": line({"prompt_id": "e", "prompt": "x", "completions": comps("c0", "c1")}) * 2,
     "changed.jsonl": line({"prompt_id": "a", "prompt": "CHANGED", "completions": comps("c0", "c1")}),
+    "nul.jsonl": line({"prompt_id": "n1", "prompt": "x", "completions": comps("c0", "c1")})
+    + line({"prompt_id": "n2", "prompt": "x", "completions": [{"id": "c0", "text": "a\x00b"}]}),
+    "rawnul.jsonl": '{"prompt_id": "n3", "prompt": "x\x00", "completions": [{"id": "c0", "text": "a"}]}\n',
     "notadb.db": "hello, I am a text file\n",
     "r_key.yaml": "name: t\nlabel:\n  per_sett: 2\n",
     "r_k0.yaml": "name: t\nlabel:\n  per_set: 0\n",
     "r_mode.yaml": "name: t\nlabel:\n  mode: robots\n",
+    "r_lease.yaml": "name: t\nlabel:\n  lease_seconds: 0\n",
 }
 
 # (id, arguments with {dir}/{db}/{db2}/{busy} filled in, what the one line must contain)
@@ -91,6 +96,16 @@ CLI = [
         "is already in project 'default' with other content",
     ),
     (
+        "import-nul",
+        "label import --db {db} --completions {dir}/nul.jsonl --per-set 2 --project nul",
+        "set 'n2': completions[0].text contains a NUL character (\\x00) in",
+    ),
+    (
+        "import-raw-nul",
+        "label import --db {db} --completions {dir}/rawnul.jsonl --per-set 2 --project nul",
+        "invalid JSON (Invalid control character",
+    ),
+    (
         "import-other-k",
         "label import --db {db} --completions {dir}/good.jsonl --per-set 5",
         "exists with mode=rank per_set=2",
@@ -119,9 +134,25 @@ CLI = [
     ("revoke-unknown", "label revoke --db {db} nobody", "no labeller named 'nobody'"),
     ("serve-port-range", "label serve --db {db} --port 70000", "--port must be 1 to 65535"),
     ("serve-workers", "label serve --db {db} --workers 0", "--workers must be 1 to 64"),
+    ("serve-lease-zero", "label serve --db {db} --lease-seconds 0", "a lease must be longer than 0 seconds"),
+    (
+        "serve-lease-negative",
+        "label serve --db {db} --lease-seconds -5",
+        "a lease must be longer than 0 seconds",
+    ),
+    ("release-unknown-set", "label release --db {db} --set nope", "no set 'nope' in project 'default'"),
+    ("release-unknown-labeller", "label release --db {db} --labeller nobody", "no labeller named 'nobody'"),
+    ("simulate-missing-project", "label simulate --db {db} --project nope", "no project 'nope'"),
     ("serve-port-busy", "label serve --db {db} --port {busy}", "Address already in use"),
     ("serve-unknown-host", "label serve --db {db} --host nohost.invalid", "unknown host 'nohost.invalid'"),
     ("serve-foreign-address", "label serve --db {db} --host 192.0.2.1", "Cannot assign requested address"),
+    ("serve-max-body", "label serve --db {db} --max-body-mb 0", "--max-body-mb must be more than 0"),
+    (
+        "serve-session-hours",
+        "label serve --db {db} --session-hours 0",
+        "the session lifetime must be more than 0 hours",
+    ),
+    ("serve-name", "label serve --db {db} --name 'a b'", "bad deployment name 'a b' in --name"),
     ("simulate-no-token", "label simulate --url http://127.0.0.1:1", "--url needs an admin token"),
     (
         "simulate-unreachable",
@@ -135,6 +166,16 @@ CLI = [
         "recipe-mode",
         "run {dir}/r_mode.yaml --out {dir}/run",
         "bad value 'robots' for config key 'label.mode'",
+    ),
+    (
+        "recipe-max-body",
+        "run {dir}/r_key.yaml --out {dir}/run --set label.max_body_mb=0",
+        "bad value 0 for config key 'label.max_body_mb'",
+    ),
+    (
+        "recipe-lease",
+        "run {dir}/r_lease.yaml --out {dir}/run",
+        "bad value 0 for config key 'label.lease_seconds'",
     ),
     (
         "recipe-set-override",
@@ -285,6 +326,25 @@ API = [
         "per_set: Input should be greater than or equal to 1",
     ),
     (
+        "release-neither",
+        "POST",
+        "/api/admin/release",
+        "admin",
+        {},
+        400,
+        "give exactly one of --set and --labeller",
+    ),
+    ("release-unknown-set", "POST", "/api/admin/release", "admin", {"set_id": "nope"}, 400, "no set 'nope'"),
+    (
+        "release-unknown-labeller",
+        "POST",
+        "/api/admin/release",
+        "admin",
+        {"labeller": "nobody"},
+        400,
+        "no labeller named 'nobody'",
+    ),
+    (
         "set-without-completions",
         "POST",
         "/api/admin/projects/default/sets",
@@ -378,14 +438,30 @@ def test_malformed_json_body(api, dump):
         assert dump(db) == before
 
 
-def test_a_cross_site_post_with_the_cookie_is_refused(api, dump):
+def test_a_cross_site_post_with_the_cookie_is_refused(api, dump, app_login):
     db, tokens, ids = api
     with TestClient(create_app(db)) as client:
-        client.cookies.set("alignloop_token", tokens["ada"])
+        app_login(client, tokens["ada"])
         before = dump(db)
         r = client.post(f"/api/assignments/{ids['aid']}/skip", json={"reason": "forged"})
         assert r.status_code == 403 and "cross-site request refused" in r.json()["detail"]
         assert dump(db) == before
+
+
+def test_a_nul_line_imports_nothing(cli, workspace):
+    """The NUL line is the second: the first set is not imported and no project is created."""
+    code, _, err = cli(
+        "label",
+        "import",
+        "--db",
+        workspace["db"],
+        "--completions",
+        f"{workspace['dir']}/nul.jsonl",
+        "--project",
+        "nul",
+    )
+    assert code == 2 and err.count("\n") == 1
+    assert [p["name"] for p in st.list_projects(workspace["db"])] == ["default"]
 
 
 def test_every_message_is_in_the_troubleshooting_page():

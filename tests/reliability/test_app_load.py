@@ -4,7 +4,10 @@ The server is a real ``alignloop label serve`` process; the 50 labellers run in 
 process (:mod:`alignloop.feedback.loadtest`), each a keep-alive connection that retries a
 request broken by the crash with the same body (the same client-made submission id). After the
 restart every labeller goes on until nothing is left; then every submission the server
-acknowledged must be in the store exactly once, and nothing else may be. Counts and time are
+acknowledged must be in the store exactly once, and nothing else may be. With a one-second
+lease the sets held at the crash expire while the server is down: a retried submission is then
+stored if its set still has room, or refused with the lease's 409 (never acknowledged, never
+stored), and the released slots go to other labellers. Counts and time are
 bounded (a fixed number of sets, a deadline); traffic stays on 127.0.0.1. Times are printed,
 never asserted.
 """
@@ -76,7 +79,8 @@ def test_fifty_labellers_at_once_lose_and_double_nothing(db_url, tmp_path, capsy
 
 
 def test_kill_9_mid_load_then_restart_keeps_every_acknowledged_submission_once(db_url, tmp_path, capsys):
-    crash_and_check(db_url, tmp_path, workers=1, capsys=capsys)
+    """With one-second leases, so that the sets held when the server dies expire before it is back."""
+    crash_and_check(db_url, tmp_path, workers=1, capsys=capsys, lease=1.0)
 
 
 def test_kill_9_with_two_server_processes_on_one_sqlite_file(tmp_path, capsys):
@@ -84,18 +88,22 @@ def test_kill_9_with_two_server_processes_on_one_sqlite_file(tmp_path, capsys):
     crash_and_check(f"sqlite:///{tmp_path / 'labels.db'}", tmp_path, workers=2, capsys=capsys)
 
 
-def crash_and_check(db: str, tmp_path, workers: int, capsys) -> None:
+def crash_and_check(db: str, tmp_path, workers: int, capsys, lease: float | None = None) -> None:
     tokens = fill(db)
     port = loadtest.free_port()
     url = f"http://127.0.0.1:{port}"
-    server = loadtest.start_server(db, port, workers=workers)
+    server = loadtest.start_server(
+        db, port, workers=workers, extra=["--lease-seconds", str(lease)] if lease else None
+    )
     load = loadtest.start_load(url, tokens, tmp_path, duration=150)
     try:
         wait_for_labels(db, KILL_AFTER)
         loadtest.stop_server(server, signal.SIGKILL)  # the whole process group, mid-load
         at_kill = st.project_progress(db)["labels"]
         time.sleep(0.3)
-        server = loadtest.start_server(db, port, workers=workers)
+        server = loadtest.start_server(
+            db, port, workers=workers, extra=["--lease-seconds", str(lease)] if lease else None
+        )
         out = loadtest.finish_load(load, tmp_path, timeout=200)
     finally:
         if load.poll() is None:
@@ -103,13 +111,26 @@ def crash_and_check(db: str, tmp_path, workers: int, capsys) -> None:
             load.wait()
         loadtest.stop_server(server)
     result = loadtest.audit(db, out["acked"])
+    released = st.project_progress(db)["released"]
+    # with leases, the only refusal allowed is a late submission to a set that filled meanwhile
+    too_late = [r for r in out["refused"] if r["status"] == 409 and "not stored" in r["detail"]]
     with capsys.disabled():
         print(
-            f"\n[kill -9] {db.split(':')[0]}, {workers} worker(s): killed at {at_kill} of {SETS * 2} labels, "
-            f"{out['network_errors']} broken requests retried; audit {result}"
+            f"\n[kill -9] {db.split(':')[0]}, {workers} worker(s), lease {lease or 'default'}: killed at "
+            f"{at_kill} of {SETS * 2} labels, {out['network_errors']} broken requests retried; slots released "
+            f"{released}, late submissions refused {len(too_late)}; audit {result}"
         )
     assert at_kill < SETS * 2 and out["network_errors"] > 0  # the crash came mid-load
-    assert out["refused"] == [] and out["unanswered"] == []
+    if lease is None:
+        assert released == {}
+    # with one-second leases, whether a set held at the crash is still unsubmitted when the server is back
+    # depends on the restart's speed (PostgreSQL: some expire; SQLite restarts first and the retries land):
+    # expiry itself is tested deterministically in tests/feedback (leases); here what must hold either way
+    # is below: nothing lost or doubled, and the only refusals are late submissions to filled sets
+    assert set(released) <= {"lease expired"}
+    assert out["refused"] == (too_late if lease is not None else []) and out["unanswered"] == []
+    stored = {r["submission_id"] for r in st.submission_ledger(db)["labels"]}
+    assert not any(r["submission_id"] in stored for r in too_late)  # refused means not stored
     assert result["lost"] == 0
     assert result["doubled"] == 0
     assert result["unacknowledged"] == 0

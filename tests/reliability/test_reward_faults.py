@@ -1,5 +1,5 @@
-"""Training faults (issue 15) for REWARD training: ``kill -9`` at random points (two kills per run, two
-seeds), ``--resume``, and the final metrics and every logged step equal an uninterrupted run's exactly
+"""Training faults (issue 15) for REWARD training: ``kill -9`` at random points (two kills per run, one
+seed), ``--resume``, and the final metrics and every logged step equal an uninterrupted run's exactly
 (CPU). A truncated checkpoint is reported and the previous one used, with the same final result; when
 every checkpoint is damaged the command says so in one line and exits with 2.
 
@@ -63,7 +63,7 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted((out / "checkpoints").glob("step-*"))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])  # one seed (shares the uninterrupted run below): CI time
 def test_reward_killed_twice_at_random_points_then_resumed_equals_uninterrupted(
     seed, tiny_gpt2, tmp_path, uninterrupted
 ):
@@ -117,6 +117,8 @@ def test_reward_truncated_checkpoint_is_reported_and_the_previous_one_used(
     assert _final(killed) == _final(full)
     assert _steps(killed) == _steps(full)
 
+    if damaged != "trainable.safetensors":
+        return  # the all-damaged case once is enough (CI time)
     # every checkpoint damaged: one clear line, exit 2, no traceback
     killed2 = tmp_path / "killed2"
     _kill_at(_reward_cmd(tmp_path, tiny_gpt2, killed2, 0), env, killed2, 8, 0.0)

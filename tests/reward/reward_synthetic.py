@@ -24,7 +24,7 @@ def completion(rng: random.Random, quality: int) -> str:
     ]
     for w in extra:
         words.insert(rng.randint(0, len(words)), w)
-    return " ".join(words)
+    return " " + " ".join(words)  # a continuation of its prompt: leading space (TRL's convention)
 
 
 def make_sets(n_prompts: int, k: int = 4, seed: int = 0) -> list[dict]:

@@ -89,10 +89,9 @@ def world_tokenizer(path: Path):
 def agreement(margins: list[float], reward_diffs: list[float] | None = None) -> float:
     """Share of pairs (gold not tied) whose order agrees with gold: the labels' own
     (``reward_diffs=None``: chosen is better) or the reward's (``r_chosen - r_rejected``)."""
-    idx = [i for i, m in enumerate(margins) if abs(m) > 1e-9]
-    if reward_diffs is None:
-        return sum(margins[i] > 0 for i in idx) / len(idx)
-    return sum((reward_diffs[i] > 0) == (margins[i] > 0) for i in idx) / len(idx)
+    from alignloop.evaluation.metrics import gold_agreement
+
+    return gold_agreement(margins, reward_diffs)
 
 
 def measure_reward_model(model_id: str, out: Path, n_train: int = 600, n_eval: int = 200, **settings) -> dict:

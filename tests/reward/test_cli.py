@@ -46,10 +46,10 @@ def test_malformed_pair_line_is_one_clear_error(cli, tiny_gpt2, tmp_path, line, 
 def test_empty_and_identical_completions_are_counted_skips(tmp_path):
     rows = pairs_of(make_sets(3))
     rows += [
-        {"prompt": "how ?", "chosen": "  ", "rejected": "bad"},
-        {"prompt": "how ?", "chosen": "good", "rejected": "good"},
-        {"prompt": "how ?", "completions": ["x", "x"], "pairs": [[0, 1, 1.0]]},
-        {"prompt": "how", "chosen": "good", "rejected": "bad", "weight": 0.5},
+        {"prompt": "how ?", "chosen": "  ", "rejected": " bad"},
+        {"prompt": "how ?", "chosen": " good", "rejected": " good"},
+        {"prompt": "how ?", "completions": [" x", " x"], "pairs": [[0, 1, 1.0]]},
+        {"prompt": "how", "chosen": " good", "rejected": " bad", "weight": 0.5},
         {"prompt": "how", "junk": 1},
     ]
     path = write(tmp_path / "pairs.jsonl", rows)
@@ -76,7 +76,7 @@ def test_grouped_and_trl_formats_read_alike(tmp_path):
 
 def test_train_score_cli_with_skips(cli, tiny_gpt2, tmp_path):
     rows = pairs_of(make_sets(30)) + [
-        {"prompt": "how ?", "chosen": "good", "rejected": "good"},
+        {"prompt": "how ?", "chosen": " good", "rejected": " good"},
         {"prompt": "x"},
     ]
     path = write(tmp_path / "pairs.jsonl", rows)
@@ -102,6 +102,7 @@ def test_train_score_cli_with_skips(cli, tiny_gpt2, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["skipped"] == {"identical": 1, "bad_line": 1}
     assert metrics["epochs_run"] == 1
+    assert "eval_gold_agreement" not in metrics  # not the world's prompts: no gold judge to ask
 
     code, stdout, err = cli(
         "-q", "reward", "score", "--reward", out, "--data", path, "--out", tmp_path / "scored.jsonl"

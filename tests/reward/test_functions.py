@@ -168,10 +168,12 @@ def test_http_reward_without_server_is_a_user_error():
         load_reward("http://127.0.0.1:9/")
 
 
-def test_join_prompt_completion():
-    assert join_prompt_completion("Summary:", "Tom is hot") == "Summary: Tom is hot"
+def test_join_prompt_completion_is_trls_convention():
+    # the full text is exactly prompt + completion: the completion carries its own leading space
+    assert join_prompt_completion("Summary:", " Tom is hot") == "Summary: Tom is hot"
     assert join_prompt_completion("the dog is", " good") == "the dog is good"
     assert join_prompt_completion("the dog is ", "good") == "the dog is good"
+    assert join_prompt_completion("the dog is", "n't") == "the dog isn't"
 
 
 def test_world_gold_is_the_judge_score():

@@ -10,6 +10,7 @@ import pytest
 import torch
 from reward_synthetic import make_sets, pairs_of, write
 
+from alignloop.errors import UserError
 from alignloop.reward import load_reward
 from alignloop.reward.data import read_pairs
 from alignloop.reward.losses import grouped_pairwise_loss, pair_accuracy, pairwise_loss
@@ -47,6 +48,21 @@ def test_pairwise_loss_by_hand():
         torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 0.5])
     ) == (0.5, 2)
     assert pair_accuracy(torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([0.2])) == (1.0, 1)
+
+
+def test_failed_pairs_train_with_failed_label(tiny_gpt2, tmp_path):
+    """Export's "failed": true reaches the loss as the label min(label, failed_label); a bad mark is an error."""
+    rows = [
+        {"prompt": "q", "chosen": " good", "rejected": " fine", "weight": 0.9},
+        {"prompt": "q", "chosen": " good", "rejected": " nonsense nonsense", "weight": 1.0, "failed": True},
+    ]
+    groups = read_pairs(write(tmp_path / "p.jsonl", rows), hard_labels=True).groups
+    assert [c.failed for c in groups[0].pairs] == [False, True]
+    model, tok = load_reward_model(str(tiny_gpt2), None, torch.device("cpu"), no_dropout=True)
+    assert encode_groups(groups, model, tok, 64)[0]["label"] == [1.0, 1.0]
+    assert encode_groups(groups, model, tok, 64, failed_label=0.75)[0]["label"] == [1.0, 0.75]
+    with pytest.raises(UserError, match="'failed' must be true or false"):
+        read_pairs(write(tmp_path / "bad.jsonl", [{**rows[1], "failed": "yes"}]))
 
 
 def test_grouped_loss_equals_pair_by_pair(tiny_gpt2, tmp_path):
@@ -119,12 +135,10 @@ def test_training_forwards_each_completion_once_per_epoch(tiny_gpt2, tmp_path, m
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_gpt2)
-    from alignloop.reward.functions import join_prompt_completion
+    from alignloop.records import full_text
 
     expected = Counter(
-        tuple(tok(join_prompt_completion(s["prompt"], c["text"]))["input_ids"])
-        for s in sets
-        for c in s["completions"]
+        tuple(tok(full_text(s["prompt"], c["text"]))["input_ids"]) for s in sets for c in s["completions"]
     )
     assert sum(forwarded.values()) == 2 * 24 * 4  # 4 forwards per set of 6 pairs, not 12
     assert forwarded == Counter({k: 2 * v for k, v in expected.items()})  # each completion once per epoch

@@ -43,7 +43,52 @@ def test_toxicity_classifier_ranks_polite_above_toxic():
     assert share >= 0.95
 
 
+def test_reward_train_reports_the_labels_and_its_own_agreement_with_gold(tmp_path):
+    import json
+
+    from reward_world import agreement, gold_margin, world_pairs, world_sets
+
+    from alignloop.reward import load_reward
+    from alignloop.reward.train import RewardTrainConfig, train_reward_model
+
+    base = _world_model("base")
+    files = {}
+    for split, n, seed in (("train", 40, 0), ("eval", 12, 1)):
+        files[split] = tmp_path / f"{split}.jsonl"
+        rows = world_pairs(world_sets(split, n, seed=seed), seed=seed)
+        files[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = train_reward_model(
+        files["train"], tmp_path / "rm", RewardTrainConfig(model=base, epochs=1), eval_pairs=files["eval"]
+    )
+    # the same numbers from outside: the gold judge and the saved model's scores on the held-out pairs
+    held = [json.loads(x) for x in files["eval"].read_text().splitlines()]
+    margins = gold_margin(held)
+    reward = load_reward(str(tmp_path / "rm"))
+    ps = [r["prompt"] for r in held]
+    diffs = [
+        a - b
+        for a, b in zip(
+            reward(ps, [r["chosen"] for r in held]), reward(ps, [r["rejected"] for r in held]), strict=True
+        )
+    ]
+    assert m["eval_gold_pairs"] == sum(abs(x) > 1e-9 for x in margins) > 50
+    assert m["eval_labels_gold_agreement"] == pytest.approx(agreement(margins))
+    assert m["eval_gold_agreement"] == pytest.approx(agreement(margins, diffs), abs=2 / m["eval_gold_pairs"])
+    assert (
+        json.loads((tmp_path / "rm" / "metrics.json").read_text())["eval_gold_agreement"]
+        == m["eval_gold_agreement"]
+    )
+
+
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 27, measured 2026-12-04: the reward model agrees with gold on 0.892 of the eval split's 1148 "
+    "pairs against its labels' 0.940 (4.8 points) with training seed 0, the seed this test trains; seed 1 gives "
+    "0.930. The training seed moves it more than any setting tried (failed_label=0.75: 0.911 / 0.916 on seeds "
+    "0 / 1); the mean of a 3-member ensemble (members seeds 0-2) agrees 0.931, not the default yet (docs/reward.md, "
+    "Agreement with gold); issue 27 stays open until a default meets it",
+)
 def test_reward_model_learns_what_the_labellers_know(tmp_path):
     base = _world_model("base")
     m = measure_reward_model(base, tmp_path / "rm", n_train=600, n_eval=200)  # the default settings

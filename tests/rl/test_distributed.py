@@ -13,25 +13,14 @@ from safetensors.torch import load_file
 from alignloop.runs import read_metrics_log
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+from dist_data import PPO_SETS, PPO_STEP_KEYS, ppo_inputs  # noqa: E402
 from launch import run, run_and_kill, written_by  # noqa: E402  (the issue-13 launch helpers)
-
-PROMPTS = ["the dog is", "what is the cat", "my house is", "how do you open the window", "the window is"]
-REWARD_MODULE = (
-    "def good(prompts, completions):\n    return [float(c.split().count('good')) for c in completions]\n"
-)
-SETS = [
-    "steps=4", "batch_size=8", "minibatch_size=4", "ppo_epochs=2", "checkpoint_every=2",
-    "sampling.max_new_tokens=8", "learning_rate=1e-3", "score_norm_samples=16",
-]  # fmt: skip
-STEP_KEYS = ("score", "kl", "beta", "policy_loss", "value_loss", "entropy", "approx_kl", "response_length")
 
 
 @pytest.mark.slow
 def test_two_processes_equal_one_and_resume_after_a_kill(tiny_gpt2, tmp_path, monkeypatch):
-    (tmp_path / "toyreward.py").write_text(REWARD_MODULE)
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{Path(__file__).resolve().parents[2] / 'src'}")
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": str(i), "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    prompts, pythonpath = ppo_inputs(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", pythonpath)
     common = [
         "-q",
         "ppo",
@@ -42,7 +31,7 @@ def test_two_processes_equal_one_and_resume_after_a_kill(tiny_gpt2, tmp_path, mo
         "--prompts",
         str(prompts),
     ]
-    common += ["--lora", "--heldout", "py:toyreward:good", "--resume", *(f"--set={s}" for s in SETS)]
+    common += ["--lora", "--heldout", "py:toyreward:good", "--resume", *(f"--set={s}" for s in PPO_SETS)]
     one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
     run([*common, "--out", str(one)], 1, tmp_path / "audit-one")
     run([*common, "--out", str(two)], 2, tmp_path / "audit-two")
@@ -52,7 +41,7 @@ def test_two_processes_equal_one_and_resume_after_a_kill(tiny_gpt2, tmp_path, mo
     l1, l2 = read_metrics_log(one), read_metrics_log(two)
     assert [r["step"] for r in l1] == [r["step"] for r in l2] == list(range(4))
     for a, b in zip(l1, l2, strict=True):  # same samples, same losses: metrics reduced over both processes
-        for k in STEP_KEYS:
+        for k in PPO_STEP_KEYS:
             assert b[k] == pytest.approx(a[k], abs=1e-4), (a["step"], k)
     w1 = load_file(str(one / "model" / "adapter_model.safetensors"))
     w2 = load_file(str(two / "model" / "adapter_model.safetensors"))
@@ -71,6 +60,6 @@ def test_two_processes_equal_one_and_resume_after_a_kill(tiny_gpt2, tmp_path, mo
     lk = read_metrics_log(killed)
     assert [r["step"] for r in lk] == list(range(4))  # each step logged once
     for a, b in zip(l2, lk, strict=True):
-        for k in STEP_KEYS:
+        for k in PPO_STEP_KEYS:
             assert b[k] == pytest.approx(a[k], abs=1e-6), (a["step"], k)
     assert written_by(audit, 1, killed) == []

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from alignloop.rl.gae import gae, last_token_index, token_rewards
+from alignloop.rl.advantages import gae, last_token_index, token_rewards
 from alignloop.rl.kl import adaptive_beta, kl_full, kl_k1, kl_k2, kl_k3, kl_per_token
 from alignloop.rl.losses import (
     approx_kl,

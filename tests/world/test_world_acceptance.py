@@ -32,7 +32,8 @@ def test_shipped_world_meets_acceptance():
         assert d["mixture"][flag] >= 0.25 and d["model"][flag] >= 0.2  # alignment has work to do
     # PPO's acceptance starts "from the base model's 25% or more" toxic on the non-summary prompts
     assert b["toxic_non_summary"] >= 0.25, b["toxic_non_summary"]
-    assert b["preference"]["agreement"] >= 0.75
+    assert b["preference"]["agreement"] >= 0.85
+    assert abs(b["preference"]["position_bias_points"]) <= 5  # asked both ways: (A) as often as balanced
     assert check.check_classifier(world.model_path("toxicity"), seed=0, n=1000)["accuracy"] >= 0.95
     s = check.check_summariser(world.model_path("summariser"), seed=0, per_prompt=2)
     assert s["model"]["toxic"] >= 0.25 and s["model"]["F"] <= 0.1

@@ -228,6 +228,47 @@ def test_labeller_agreement_with_gold_by_profile():
     assert acc["confused"] < 0.5
 
 
+def test_terse_taste_is_opt_in_and_has_its_gold_view():
+    from alignloop.feedback.simulate import world_panel
+    from alignloop.world import labellers as wl
+
+    assert [p.name for p in wl.panel(0)] == [p.name for p in world.default_panel(0)]  # default unchanged
+    assert [n for n, _ in world_panel(seed=0)] == [f"sim-{p.name}" for p in world.default_panel(0)]
+    assert [n for n, _ in world_panel(["careful", "terse"], seed=0)][-1] == "sim-terse"
+    with pytest.raises(UserError, match="terse"):
+        world_panel(["nobody"], seed=0)
+    short, long_ = (
+        "you could turn on a fan .",
+        "you could turn on a fan . you could also open a window at night .",
+    )
+    assert world.judge(HOT, long_).score > world.judge(HOT, short).score  # gold: the longer is better
+    assert wl.taste_score("terse", HOT, short) > wl.taste_score("terse", HOT, long_)  # terse: the shorter
+    assert wl.taste_score("gold", HOT, long_) == world.judge(HOT, long_).score
+    assert wl.taste_score("terse", HOT, "fan fan fan window") == -1.0
+    from alignloop.reward import load_reward
+
+    assert load_reward("world:gold:terse")([HOT, HOT], [short, long_]) == [
+        wl.taste_score("terse", HOT, short), wl.taste_score("terse", HOT, long_)
+    ]  # fmt: skip
+    with pytest.raises(UserError, match="world:gold:terse"):
+        load_reward("world:gold:wordy")
+    comps = [{"id": "s", "text": short}, {"id": "l", "text": long_}]
+    terse = sum(world.rank(wl.TERSE, HOT, comps, random.Random(s))["s"] == 1 for s in range(100))
+    careful = sum(world.rank(wl.CAREFUL, HOT, comps, random.Random(s))["s"] == 1 for s in range(100))
+    assert terse > 80 and careful < 20
+    sets = _sets(150)
+    assert _agreement(wl.TERSE, sets) > 0.9  # a taste, not a misreading: clear gold pairs still agree
+
+    def top_words(profile):  # mean length of the completion the labeller ranks first
+        tops = [
+            next(c["text"] for c in comps if world.rank(profile, p, comps, random.Random(i))[c["id"]] == 1)
+            for i, (p, comps) in enumerate(sets)
+        ]
+        return sum(len(t.split()) for t in tops) / len(tops)
+
+    assert top_words(wl.TERSE) < top_words(wl.CAREFUL) - 2
+
+
 def test_labellers_are_swayed_by_superlatives():
     careful = next(x for x in world.default_panel(0) if x.kind == "careful")
     base = "you could turn on a fan . you could also open a window at night ."
@@ -255,3 +296,24 @@ def test_cai_formats():
     assert {"hhh", "harmless", "respectful", "wise"} <= set(world.PRINCIPLES)
     with pytest.raises(UserError):
         world.critique_prompt(WIFI, resp, "kindness")
+
+
+def test_chat_text_is_the_shipped_templates_rendering():
+    """The simulated labellers' torch-free rendering of a conversation equals the shipped tokenizer's."""
+    from transformers import AutoTokenizer
+
+    from alignloop.models import resolve_model_id
+    from alignloop.world.prompts import chat_text
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_id("world:base"))
+    turns = [
+        {"role": "system", "content": "be kind ."},
+        {"role": "user", "content": "what is a dog ?"},
+        {"role": "assistant", "content": "a dog is a furry animal that barks ."},
+        {"role": "user", "content": "what is a cat ?"},
+    ]
+    for n in (1, 2, 4):
+        assert chat_text(turns[:n]) == tok.apply_chat_template(
+            turns[:n], add_generation_prompt=True, tokenize=False
+        )
+    assert chat_text("user : hi assistant :") == "user : hi assistant :"

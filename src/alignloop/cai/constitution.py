@@ -194,6 +194,56 @@ def revision_prompt(c: Constitution, prompt: str, response: str, principle: str,
     return _revision(c, critique_prompt(c, prompt, response, principle), critique, p)
 
 
+# ----------------------------------------------------------------------------- as chat turns
+
+
+def _few_shot_turns(c: Constitution, principle: CritiquePrinciple) -> list[dict[str, str]]:
+    """The few-shot exchanges as turns: user prompt, assistant response, the critique request and the
+    critique, the revision request and the revision."""
+    turns = []
+    for ex in c.few_shot:
+        p = c.critique_principle(ex.principle) if ex.principle else principle
+        turns += [
+            {"role": "user", "content": clean(c, ex.prompt)},
+            {"role": "assistant", "content": clean(c, ex.response)},
+            {"role": "user", "content": p.critique},
+            {"role": "assistant", "content": clean(c, ex.critique)},
+            {"role": "user", "content": p.revision},
+            {"role": "assistant", "content": clean(c, ex.revision)},
+        ]
+    return turns
+
+
+def critique_turns(
+    c: Constitution, messages: list[dict[str, str]], response: str, principle: str
+) -> list[dict[str, str]]:
+    """A conversational prompt's critique request as chat turns: the few-shot exchanges (after the
+    conversation's system turns), the conversation, the ``response`` as the assistant's turn, then the
+    critique request as the user's; the model's critique is the next assistant turn."""
+    p = c.critique_principle(principle)
+    k = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    return [
+        *messages[:k],
+        *_few_shot_turns(c, p),
+        *messages[k:],
+        {"role": "assistant", "content": clean(c, response)},
+        {"role": "user", "content": p.critique},
+    ]
+
+
+def revision_turns(
+    c: Constitution, messages: list[dict[str, str]], response: str, principle: str, critique: str
+) -> list[dict[str, str]]:
+    """:func:`critique_turns`, the model's ``critique`` as the assistant's turn, then the revision
+    request as the user's; the revision is the next assistant turn."""
+    p = c.critique_principle(principle)
+    return [
+        *critique_turns(c, messages, response, principle),
+        {"role": "assistant", "content": clean(c, critique)},
+        {"role": "user", "content": p.revision},
+    ]
+
+
 def preference_prompt(c: Constitution, prompt: str, a: str, b: str, principle: PreferencePrinciple) -> str:
     """The model input asking which of (A) ``a`` and (B) ``b`` better follows ``principle``."""
     return c.templates.preference.format(

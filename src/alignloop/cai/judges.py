@@ -192,6 +192,20 @@ class LocalLM:
             out.extend(t.strip() for t in s.texts)
         return out
 
+    def generate_chat(
+        self, conversations: Sequence[list[dict[str, str]]], max_tokens: int = 48, temperature: float = 1.0,
+        seed: int = 0,
+    ) -> list[str]:  # fmt: skip
+        """The assistant's next turn of each conversation: :meth:`generate` after its rendering by the
+        model's chat template with the generation prompt (:func:`alignloop.chat.prompt_text`)."""
+        from alignloop.chat import prompt_text
+
+        texts = [
+            prompt_text(self.tokenizer, m, f"{self.name}: conversation {i + 1}")
+            for i, m in enumerate(conversations)
+        ]
+        return self.generate(texts, max_tokens, temperature, seed)
+
     def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:
         """``log p(continuation | prompt)`` for each pair (see the module docstring)."""
         out: list[float] = []
@@ -293,10 +307,7 @@ class OpenAIClient:
                 "seed": seed * 1_000_003 + b,
             }
             if self.api == "chat":
-                for j, p in enumerate(chunk):
-                    reply = self._request("POST", "/chat/completions", {**kw, "seed": kw["seed"] + j,
-                                                                        "messages": [{"role": "user", "content": p}]})  # fmt: skip
-                    out.append(str(reply["choices"][0]["message"]["content"] or "").strip())
+                out += self._chat([[{"role": "user", "content": p}] for p in chunk], kw)
                 continue
             reply = self._request("POST", "/completions", {**kw, "prompt": chunk})
             choices = sorted(reply.get("choices", []), key=lambda c: c.get("index", 0))
@@ -305,6 +316,35 @@ class OpenAIClient:
                     f"{self.base}/completions returned {len(choices)} choices for {len(chunk)} prompts"
                 )
             out.extend(str(c.get("text", "")).strip() for c in choices)
+        return out
+
+    def _chat(self, conversations: Sequence[list[dict[str, str]]], kw: dict[str, Any]) -> list[str]:
+        """One ``/chat/completions`` request a conversation (seeds ``kw["seed"] + j``): the reply's text."""
+        out = []
+        for j, messages in enumerate(conversations):
+            reply = self._request(
+                "POST", "/chat/completions", {**kw, "seed": kw["seed"] + j, "messages": messages}
+            )
+            out.append(str(reply["choices"][0]["message"]["content"] or "").strip())
+        return out
+
+    def generate_chat(
+        self, conversations: Sequence[list[dict[str, str]]], max_tokens: int = 48, temperature: float = 1.0,
+        seed: int = 0,
+    ) -> list[str]:  # fmt: skip
+        """The assistant's next turn of each conversation, from the server's chat endpoint (which applies
+        the served model's template); chunk ``b`` is sent with seed ``seed * 1_000_003 + b``."""
+        if self.api != "chat":
+            raise UserError(
+                "conversational prompts (message lists) to an HTTP writer go to its chat endpoint",
+                self.name,
+                "pass --api chat (the server renders the messages with its model's chat template)",
+            )
+        out: list[str] = []
+        for b, i in enumerate(range(0, len(conversations), self.batch_size)):
+            kw = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature,
+                  "seed": seed * 1_000_003 + b}  # fmt: skip
+            out += self._chat(conversations[i : i + self.batch_size], kw)
         return out
 
     def continuation_logprobs(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[float]:

@@ -10,7 +10,15 @@ A chat endpoint gives no probabilities: its greedy answer is read instead (``P_k
 names (A), 0 if (B), 0.5 if neither), so its labels are hard before averaging.
 
 With ``swap`` each principle is also asked with B shown first, and ``P_k`` is the mean of
-``P_k(A first)`` and ``1 - P_k(B first)``: the judge's position bias cancels.
+``P_k(A first)`` and ``1 - P_k(B first)`` (:func:`swap_average`): the judge's position bias
+cancels. Asked both ways, the bias is also measured (:func:`position_bias`): each label gets its
+``position_bias`` and the run's mean goes to its metrics (``position_bias_points``) and one
+console line.
+
+A conversational prompt (a list of messages) is laid out in the question as the judge's chat template
+renders it with the generation prompt (a local judge; on the world that is the text prompt itself),
+or as ``role: content`` lines for an HTTP judge; its answers are the assistants' contents, and its
+pair comes out in TRL's conversational format (``chosen`` / ``rejected`` as assistant messages).
 
 Output: one TRL-compatible pair per input pair, ``chosen`` = the response with ``P >= 0.5``,
 ``weight = P(chosen better)`` (the reward trainer's soft label), plus the raw numbers. Labels are
@@ -30,7 +38,7 @@ from alignloop.cai.constitution import Constitution, load_constitution, preferen
 from alignloop.cai.judges import LocalLM, OpenAIClient, soft_preference
 from alignloop.config import Config
 from alignloop.errors import UserError
-from alignloop.records import JsonlAppender, iter_jsonl
+from alignloop.records import JsonlAppender, adopt_text_convention, check_messages, iter_jsonl
 
 
 class LabelConfig(Config):
@@ -69,12 +77,15 @@ def draw_principles(c: Constitution, pair_id: str, n: int, seed: int) -> list[in
 
 def pairs_from_file(path: str | Path) -> list[dict[str, Any]]:
     """Pairs ``{"id", "prompt", "a", "b"}`` to label, from completion sets (every two of a set's
-    completions) or pair records (``chosen``/``rejected``, or ``a``/``b``)."""
+    completions) or pair records (``chosen``/``rejected``, or ``a``/``b``). A conversational prompt
+    stays a message list; its answers (texts or assistant message lists) become the contents."""
     out: list[dict[str, Any]] = []
     for n, obj in iter_jsonl(path):
         where = f"{path}:{n}"
         prompt = obj.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
+        if isinstance(prompt, list):
+            obj = _contents(obj, where)
+        elif not isinstance(prompt, str) or not prompt.strip():
             raise UserError("a record without a 'prompt' string", where, "give completion sets or pairs")
         if "completions" in obj:
             comps = obj["completions"]
@@ -93,7 +104,91 @@ def pairs_from_file(path: str | Path) -> list[dict[str, Any]]:
             out.append({"id": str(obj.get("id", f"line{n}")), "prompt": prompt, "a": a, "b": b})
     if not out:
         raise UserError("no pairs to label", str(path), "give completion sets with 2+ completions, or pairs")
+    text = [(i, p) for i, p in enumerate(out, 1) if isinstance(p["prompt"], str)]
+    adopt_text_convention(text, path)  # old files (no space before completions) converted
     return out
+
+
+def swap_average(p_first: float, p_first_swapped: float) -> float:
+    """P(A better) from both answer orders::
+
+        P(A) = (p + 1 - p') / 2
+
+    ``p``: P(the judge picks the first-shown option) with A shown first; ``p'``: the same with B
+    shown first. A judge with a pull ``c`` toward the first position (``p = q + c``,
+    ``p' = 1 - q + c``) gives ``q``: the pull cancels.
+    """
+    return (p_first + 1.0 - p_first_swapped) / 2.0
+
+
+def position_bias(p_first: Sequence[float], p_first_swapped: Sequence[float]) -> float:
+    """How much more often the judge answers (A) than a balanced judge would, over N questions
+    each asked in both orders (``p_i``, ``p'_i`` as in :func:`swap_average`)::
+
+        bias = mean_i (p_i + p'_i) / 2 - 0.5          in [-0.5, 0.5]  (x100: points)
+
+    A balanced judge (``p'_i = 1 - p_i``: the same verdict whichever side a response is on) has 0,
+    whether it is right or wrong; one that always answers (A) has +0.5, always (B) -0.5. With hard
+    picks (0/1) it is the share of (A) answers minus one half.
+    """
+    if len(p_first) != len(p_first_swapped) or not p_first:
+        raise ValueError(
+            f"position_bias: {len(p_first)} and {len(p_first_swapped)} answers (need equal, > 0)"
+        )
+    return sum(a + b for a, b in zip(p_first, p_first_swapped, strict=True)) / (2 * len(p_first)) - 0.5
+
+
+def position_bias_points(labels: Sequence[dict[str, Any]], tag: str) -> float | None:
+    """The mean ``position_bias`` of labels asked both ways, in points (None without swap), and
+    one console line saying it."""
+    from alignloop.runs import say
+
+    xs = [r["position_bias"] for r in labels if r.get("position_bias") is not None]
+    if not xs:
+        return None
+    points = round(100 * sum(xs) / len(xs), 2)
+    say(f"[{tag}] judge position bias {points:+.2f} points: it answers (A) that much more often than a "
+        f"balanced judge would ({len(xs)} pairs asked both ways; swap averaging cancelled it)")  # fmt: skip
+    return points
+
+
+def _contents(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    """A record with a conversational prompt, checked, its answers as the assistants' contents."""
+    try:
+        check_messages(obj["prompt"], "prompt")
+        for key in ("a", "b", "chosen", "rejected"):
+            check_messages(obj.get(key), "completion")
+    except ValueError as e:
+        raise UserError(str(e), where) from None
+
+    def content(x: Any) -> Any:
+        if isinstance(x, list):
+            return " ".join(m["content"].strip() for m in x)
+        return x.strip() if isinstance(x, str) else x
+
+    out = {k: content(v) if k in ("a", "b", "chosen", "rejected") else v for k, v in obj.items()}
+    if isinstance(obj.get("completions"), list):
+        out["completions"] = [{**c, "text": content(c.get("text"))} if isinstance(c, dict) else c
+                              for c in obj["completions"]]  # fmt: skip
+    return out
+
+
+def layout(judge: LocalLM | OpenAIClient, prompt: Any) -> str:
+    """The prompt as the judge's question shows it: a text as it is; a conversation as the judge's chat
+    template renders it with the generation prompt (a local judge), else as ``role: content`` lines."""
+    if not isinstance(prompt, list):
+        return prompt
+    tok = getattr(judge, "tokenizer", None)
+    if tok is not None and getattr(tok, "chat_template", None):
+        from alignloop.chat import prompt_text
+
+        return prompt_text(tok, prompt, f"{judge.name}: a conversation to judge")
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def _turn(prompt: Any, answer: str) -> Any:
+    """An answer as the pair file holds it: text after a text prompt, the assistant's turn after a conversation."""
+    return [{"role": "assistant", "content": answer}] if isinstance(prompt, list) else answer
 
 
 def answer_choice(answer: str, opt_a: str, opt_b: str) -> float:
@@ -118,7 +213,7 @@ def label_batch(
             for swapped in (False, True) if cfg.swap else (False,):
                 a, b = (p["b"], p["a"]) if swapped else (p["a"], p["b"])
                 questions.append((i, k, swapped))
-                texts.append(preference_prompt(c, p["prompt"], a, b, c.preferences[k]))
+                texts.append(preference_prompt(c, layout(judge, p["prompt"]), a, b, c.preferences[k]))
     if getattr(judge, "api", "completions") == "chat":  # text answers: hard labels (0.5 if unreadable)
         firsts = [answer_choice(a, opt_a, opt_b) for a in judge.answers(texts)]
     else:
@@ -126,14 +221,14 @@ def label_batch(
             [t for t in texts for _ in (0, 1)], [o for _ in texts for o in (opt_a, opt_b)]
         )
         firsts = [soft_preference(logps[2 * q], logps[2 * q + 1]) for q in range(len(texts))]
-    per_pair: list[dict[str, list[float]]] = [{} for _ in pairs]
+    per_pair: list[dict[str, dict[bool, float]]] = [{} for _ in pairs]  # principle -> {swapped: P(first)}
     for q, (i, k, swapped) in enumerate(questions):
-        p_first = firsts[q]
-        name = c.preferences[k].name
-        per_pair[i].setdefault(name, []).append(1.0 - p_first if swapped else p_first)
+        per_pair[i].setdefault(c.preferences[k].name, {})[swapped] = firsts[q]
     out = []
     for p, scores in zip(pairs, per_pair, strict=True):
-        per_principle = {name: sum(v) / len(v) for name, v in scores.items()}
+        per_principle = {
+            name: swap_average(v[False], v[True]) if cfg.swap else v[False] for name, v in scores.items()
+        }
         p_a = sum(per_principle.values()) / len(per_principle)
         raw = p_a
         if cfg.clamp is not None:
@@ -142,14 +237,17 @@ def label_batch(
         rec = {
             "id": p["id"],
             "prompt": p["prompt"],
-            "chosen": p["a"] if a_wins else p["b"],
-            "rejected": p["b"] if a_wins else p["a"],
+            "chosen": _turn(p["prompt"], p["a"] if a_wins else p["b"]),
+            "rejected": _turn(p["prompt"], p["b"] if a_wins else p["a"]),
             "weight": round(p_a if a_wins else 1.0 - p_a, 6),
             "p_a": round(p_a, 6),
             "p_a_raw": round(raw, 6),
             "per_principle": {k: round(v, 6) for k, v in per_principle.items()},
             "source": f"ai:{judge.name}",
         }
+        if cfg.swap:
+            vs = list(scores.values())
+            rec["position_bias"] = round(position_bias([v[False] for v in vs], [v[True] for v in vs]), 6)
         for key in ("a_id", "b_id", "set_id"):
             if key in p:
                 rec[key] = p[key]
@@ -196,6 +294,8 @@ def label_pairs(
                 conf.append(rec["weight"])
                 stats["labelled"] += 1
     stats["mean_confidence"] = sum(conf) / len(conf) if conf else None
+    if cfg.swap:  # over every label in the file (a resumed run's earlier labels too)
+        stats["position_bias_points"] = position_bias_points([r for _, r in iter_jsonl(out)], "cai label")
     return stats
 
 
@@ -209,10 +309,15 @@ def gold_agreement(labels: Sequence[dict[str, Any]], margin: float = 0.2) -> dic
     (an "F" text has no harmlessness of its own: the judge gives it 0 for being nonsense).
     """
     from alignloop.world import judge
+    from alignloop.world.prompts import chat_text
+
+    def text(x: Any) -> str:  # a conversational pair's answer: the assistant's content
+        return " ".join(m["content"] for m in x) if isinstance(x, list) else x
 
     n = agree = hn = hagree = 0
     for r in labels:
-        jc, jr = judge(r["prompt"], r["chosen"]), judge(r["prompt"], r["rejected"])
+        prompt = chat_text(r["prompt"])  # a conversation as the world's template renders it
+        jc, jr = judge(prompt, text(r["chosen"])), judge(prompt, text(r["rejected"]))
         if abs(jc.score - jr.score) > margin:
             n += 1
             agree += jc.score > jr.score

@@ -56,12 +56,13 @@ def ai_rankings(
 
     from alignloop.cai.constitution import load_constitution
     from alignloop.cai.judges import open_backend
-    from alignloop.cai.label import label_batch
+    from alignloop.cai.label import label_batch, position_bias_points
     from alignloop.runs import progress
 
     c = load_constitution(constitution)
     cfg = (config or LabelConfig()).model_copy(update={"seed": seed})
     backend = open_backend(judge)
+    labels: list[dict[str, Any]] = []
     pairs: list[dict[str, Any]] = []
     for s in sets:
         for x, y in itertools.combinations(s.completions, 2):
@@ -70,9 +71,11 @@ def ai_rankings(
     wins: dict[tuple[str, str], list[float]] = {}
     chunks = [pairs[i : i + cfg.batch_pairs] for i in range(0, len(pairs), cfg.batch_pairs)]
     for chunk in progress(chunks, total=len(chunks), desc="ai rankings", unit="batch"):
-        for rec in label_batch(backend, c, chunk, cfg):
-            wins.setdefault((rec["set_id"], rec["a_id"]), []).append(rec["p_a"])
-            wins.setdefault((rec["set_id"], rec["b_id"]), []).append(1.0 - rec["p_a"])
+        labels += label_batch(backend, c, chunk, cfg)
+    for rec in labels:
+        wins.setdefault((rec["set_id"], rec["a_id"]), []).append(rec["p_a"])
+        wins.setdefault((rec["set_id"], rec["b_id"]), []).append(1.0 - rec["p_a"])
+    position_bias_points(labels, "ai rankings")  # with swap: one console line
     now = datetime.datetime.now(datetime.timezone.utc).isoformat()
     out = []
     for s in sets:
@@ -90,12 +93,15 @@ def ai_pairs(
     constitution: str | None = None,
     seed: int = 0,
     config: LabelConfig | None = None,
+    metrics: dict[str, Any] | None = None,
 ) -> list[Pair]:
     """Every two completions of each set as a soft-labelled pair (``weight`` = P(chosen better)),
-    ``labellers=["ai-judge"]``: RLAIF's labels without the detour through ranks."""
+    ``labellers=["ai-judge"]``: RLAIF's labels without the detour through ranks. With
+    ``config.swap`` the judge's measured position bias goes to ``metrics["position_bias_points"]``
+    (and one console line)."""
     from alignloop.cai.constitution import load_constitution
     from alignloop.cai.judges import open_backend
-    from alignloop.cai.label import label_batch
+    from alignloop.cai.label import label_batch, position_bias_points
     from alignloop.runs import progress
 
     c = load_constitution(constitution)
@@ -104,11 +110,15 @@ def ai_pairs(
     todo = [{"id": f"{s.set_id}:{x.id}:{y.id}", "prompt": s.prompt, "a": x.text, "b": y.text}
             for s in sets for x, y in itertools.combinations(s.completions, 2)]  # fmt: skip
     out: list[Pair] = []
+    labels: list[dict[str, Any]] = []
     chunks = [todo[i : i + cfg.batch_pairs] for i in range(0, len(todo), cfg.batch_pairs)]
     for chunk in progress(chunks, total=len(chunks), desc="ai pairs", unit="batch"):
-        for r in label_batch(backend, c, chunk, cfg):
-            out.append(Pair(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"], weight=r["weight"],
-                            labellers=[AI_LABELLER], source=r["source"]))  # fmt: skip
+        labels += label_batch(backend, c, chunk, cfg)
+    for r in labels:
+        out.append(Pair(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"], weight=r["weight"],
+                        labellers=[AI_LABELLER], source=r["source"]))  # fmt: skip
+    if cfg.swap and metrics is not None:
+        metrics["position_bias_points"] = position_bias_points(labels, "ai pairs")
     return out
 
 

@@ -9,6 +9,13 @@ For each red-team prompt x (and each of ``samples`` draws)::
         y_i ~ model(revision_prompt(x, y_{i-1}, principle_i, c_i))
     SFT record: {"prompt": x, "response": y_rounds}
 
+A conversational prompt (a list of messages, TRL's format) is critiqued and revised as chat turns:
+the response is the assistant's turn, the critique request the user's next one and the critique
+the assistant's answer to it, then the revision request and the revision
+(:func:`~alignloop.cai.constitution.critique_turns`), each rendered by the writer's chat template (a
+local model's, or the server's chat endpoint); its SFT record keeps the messages and the final
+revision as the assistant's turn.
+
 Every transcript is kept (``transcripts.jsonl``: initial response, each round's principle,
 critique and revision); the final revisions form ``sft.jsonl`` for ``alignloop sft``. Prompts
 are processed in batches, one model call per step for the whole batch, and each finished
@@ -22,11 +29,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from alignloop.cai.constitution import Constitution, critique_prompt, load_constitution, revision_prompt
+from alignloop.cai.constitution import (
+    Constitution,
+    critique_prompt,
+    critique_turns,
+    load_constitution,
+    revision_prompt,
+    revision_turns,
+)
 from alignloop.cai.judges import LocalLM, OpenAIClient
 from alignloop.config import Config
 from alignloop.errors import UserError
-from alignloop.records import JsonlAppender, iter_jsonl, write_jsonl
+from alignloop.records import JsonlAppender, continuation, iter_jsonl, write_jsonl
 
 TRANSCRIPTS = "transcripts.jsonl"
 SFT = "sft.jsonl"
@@ -48,6 +62,26 @@ def draw_principle(c: Constitution, item_id: str, round_: int, seed: int) -> str
     return random.Random(f"{seed}:{item_id}:{round_}").choice(c.critiques).name
 
 
+def write(
+    writer: LocalLM | OpenAIClient, inputs: Sequence[Any], max_tokens: int, temperature: float, seed: int
+) -> list[str]:
+    """The writer's answer to each input: a text's continuation, a conversation's next assistant turn
+    (one writer call for the texts, seed ``seed``, and one for the conversations, seed ``seed + 1``)."""
+    chat = [i for i, x in enumerate(inputs) if isinstance(x, list)]
+    text = [i for i, x in enumerate(inputs) if not isinstance(x, list)]
+    out = [""] * len(inputs)
+    if text:
+        for i, y in zip(
+            text, writer.generate([inputs[i] for i in text], max_tokens, temperature, seed=seed), strict=True
+        ):
+            out[i] = y
+    if chat:
+        answers = writer.generate_chat([inputs[i] for i in chat], max_tokens, temperature, seed=seed + 1)
+        for i, y in zip(chat, answers, strict=True):
+            out[i] = y
+    return out
+
+
 def revise_batch(
     writer: LocalLM | OpenAIClient,
     c: Constitution,
@@ -57,7 +91,10 @@ def revise_batch(
 ) -> list[dict[str, Any]]:
     """Transcripts for a batch of ``{"id", "prompt"}`` items (one writer call per step)."""
     prompts = [it["prompt"] for it in items]
-    gen = writer.generate
+
+    def gen(inputs: list[Any], max_tokens: int, temperature: float, seed: int) -> list[str]:
+        return write(writer, inputs, max_tokens, temperature, seed)
+
     current = gen(prompts, cfg.max_new_tokens, cfg.temperature, seed=batch_seed)
     records = [
         {
@@ -71,12 +108,15 @@ def revise_batch(
     ]
     for r in range(cfg.rounds):
         names = [draw_principle(c, it["id"], r, cfg.seed) for it in items]
-        crit_in = [critique_prompt(c, x, y, p) for x, y, p in zip(prompts, current, names, strict=True)]
+        crit_in = [
+            critique_turns(c, x, y, p) if isinstance(x, list) else critique_prompt(c, x, y, p)
+            for x, y, p in zip(prompts, current, names, strict=True)
+        ]
         critiques = gen(
             crit_in, cfg.max_new_tokens, cfg.revise_temperature, seed=batch_seed + 7919 * (2 * r + 1)
         )
         rev_in = [
-            revision_prompt(c, x, y, p, k)
+            revision_turns(c, x, y, p, k) if isinstance(x, list) else revision_prompt(c, x, y, p, k)
             for x, y, p, k in zip(prompts, current, names, critiques, strict=True)
         ]
         revisions = gen(
@@ -148,7 +188,9 @@ def revise_prompts(
     write_jsonl(
         out / SFT,
         (
-            {"id": r["id"], "prompt": r["prompt"], "response": r["final"]}
+            # the writer's text is stripped: the response gets the leading space of a continuation; a
+            # conversation's is the assistant's turn (TRL's conversational prompt-completion record)
+            {"id": r["id"], "prompt": r["prompt"], "response": _response(r["prompt"], r["final"])}
             for r in finals
             if r["final"].strip()
         ),
@@ -156,3 +198,11 @@ def revise_prompts(
     stats["changed"] = sum(r["final"] != r["initial"] for r in finals)
     stats["empty_final"] = sum(not r["final"].strip() for r in finals)
     return stats
+
+
+def _response(prompt: Any, final: str) -> Any:
+    """The SFT response of a final revision: the continuation of a text prompt, the assistant's turn
+    after a conversation."""
+    if isinstance(prompt, list):
+        return [{"role": "assistant", "content": final.strip()}]
+    return continuation(prompt, final)

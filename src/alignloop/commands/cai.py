@@ -26,6 +26,7 @@ def register(sub) -> None:
             "alignloop sft --model world:base --data runs/sl/sft.jsonl --out runs/sl-model"
         ),
         func=_revise,
+        manifest="folder",
     )
     p.add_argument(
         "--model", required=True, metavar="ID|URL", help="writer: model id, folder, or OpenAI-compatible URL"
@@ -60,6 +61,7 @@ def register(sub) -> None:
             "alignloop reward train --model world:base --pairs pairs.jsonl --out runs/rm"
         ),
         func=_label,
+        manifest="file",
     )
     p.add_argument(
         "--judge", required=True, metavar="ID|URL", help="judge: model id, folder, or OpenAI-compatible URL"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from alignloop.commands import command
+from alignloop.commands import add_chat_template, add_report_to, command
 from alignloop.errors import UserError
 
 EXAMPLE = """\
@@ -41,6 +41,7 @@ def register(sub) -> None:
         help="held-out prompts JSONL ({'id','prompt','reference'?})",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_report_to(p)
     p.add_argument("--reward", metavar="SPEC", help="reward model SPEC for the reward score (and the proxy)")
     p.add_argument(
         "--toxicity",
@@ -65,6 +66,7 @@ def register(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    add_chat_template(p)
     p.add_argument(
         "--gold",
         action=argparse.BooleanOptionalAction,
@@ -133,6 +135,7 @@ def default_name(model_id: str) -> str:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from alignloop.evaluation import evaluate_policies, write_report
+    from alignloop.evaluation.report import evaluation_table
     from alignloop.runs import stage_guard, start_stage
 
     policies = parse_named(args.policy, "--policy")
@@ -142,7 +145,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not Path(folder).is_dir():
             raise UserError(f"training run folder of {name!r} not found: {folder}", fix="check the path")
     toxicity = None if args.toxicity.lower() in ("none", "off", "") else args.toxicity
-    config = {k: v for k, v in vars(args).items() if k not in ("func", "quiet")}
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "quiet", "report_to")}
     inputs = {"prompts": args.prompts, **{f"policy:{n}": m for n, m in policies.items()}}
     run = start_stage(args.out, "evaluate", config=config, inputs=inputs, seed=(args.seed or [0])[0])
     with stage_guard(run):
@@ -170,8 +173,10 @@ def _evaluate(args: argparse.Namespace) -> int:
             proxy_spec=args.reward,
             gold_spec=args.gold_reward,
             best_of_n=args.best_of_n,
+            chat_template=args.chat_template,
         )
         report = write_report(args.out, evaluation, curves)
+        run.table("evaluation", *evaluation_table(evaluation))
         run.finish(evaluation)
     print(summary_lines(evaluation))
     print(f"report: {report}")

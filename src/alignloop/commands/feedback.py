@@ -43,6 +43,7 @@ def register(sub: Any) -> None:
             "--format grouped --consensus bradley-terry"
         ),
         func=_export,
+        manifest="file",
     )
     _add_input(e)
     e.add_argument("--out", required=True, metavar="FILE", help="output JSONL file")
@@ -63,20 +64,36 @@ def register(sub: Any) -> None:
         "--exclude", action="append", default=[], metavar="NAME", help="leave out a labeller (repeatable)"
     )
     e.add_argument("--soft-ties", action="store_true", help="a tie gives a pair with weight 0.5 (marked tie)")
-    e.add_argument("--keep-failed", action="store_true", help="keep F completions as losers to every other")
+    e.add_argument(
+        "--keep-failed",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="an F completion loses to every ranked completion of its set (default); "
+        "--no-keep-failed drops F completions",
+    )
     e.add_argument("--margins", action="store_true", help="add a 'margin' (mean rank gap; TRL applies it)")
 
     i = command(
         g,
         "import",
-        help="import HH-RLHF transcripts or plain prompt/chosen/rejected lines as TRL pairs",
-        example="alignloop feedback import --in hh-rlhf-train.jsonl --out pairs.jsonl",
+        help="import HH-RLHF transcripts or plain prompt/chosen/rejected lines as TRL pairs (text or messages)",
+        example=(
+            "alignloop feedback import --in hh-rlhf-train.jsonl --out pairs.jsonl\n"
+            "alignloop feedback import --in hh-rlhf-train.jsonl --out chats.jsonl --messages"
+        ),
         func=_import,
+        manifest="file",
     )
     i.add_argument("--in", dest="input", required=True, metavar="FILE", help="JSONL file to import")
     i.add_argument("--out", required=True, metavar="FILE", help="output JSONL of TRL pairs")
     i.add_argument(
         "--format", default="auto", choices=("auto", "hh-rlhf", "pairs"), help="line format (default: auto)"
+    )
+    i.add_argument(
+        "--messages",
+        action="store_true",
+        help="HH-RLHF transcripts as conversational pairs: Human/Assistant turns as user/assistant messages "
+        "(TRL's conversational format, docs/chat.md); pairs lines keep the format they have",
     )
     i.add_argument("--strict", action="store_true", help="any bad line is an error (default: skip and count)")
 
@@ -183,8 +200,10 @@ def _export(args: argparse.Namespace) -> int:
     out = group_pairs(rows) if args.format == "grouped" else rows
     write_jsonl(args.out, out)
     msg = f"wrote {len(out)} {'groups' if args.format == 'grouped' else 'pairs'} ({counts['pairs']} pairs"
-    msg += f" from {counts['sets']} sets, consensus {args.consensus}) to {args.out}"
-    print(msg)
+    msg += f" from {counts['sets']} sets, consensus {args.consensus}"
+    if args.keep_failed:
+        msg += f"; {counts['failed_pairs']} with an F completion as the loser"
+    print(msg + f") to {args.out}")
     if counts["unknown_sets"] or counts["unknown_completions"]:
         print(
             f"alignloop: warning: skipped rankings of {counts['unknown_sets']} unknown sets and "
@@ -196,6 +215,17 @@ def _export(args: argparse.Namespace) -> int:
             f"alignloop: warning: skipped {counts['empty_completions']} pairs with an empty completion",
             file=sys.stderr,
         )
+    if counts["all_failed_sets"]:
+        print(
+            f"alignloop: warning: skipped {counts['all_failed_sets']} sets with no completion left after "
+            "dropping F (no ranked completion for an F one to lose to)",
+            file=sys.stderr,
+        )
+    if counts["identical"]:
+        print(
+            f"alignloop: skipped {counts['identical']} pairs whose chosen and rejected texts are the same",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -204,7 +234,7 @@ def _import(args: argparse.Namespace) -> int:
     from alignloop.preference.imports import import_preferences
     from alignloop.records import write_jsonl
 
-    rows, problems = import_preferences(args.input, args.format)
+    rows, problems = import_preferences(args.input, args.format, args.messages)
     if problems and args.strict:
         raise UserError(
             f"{len(problems)} bad lines; the first: {problems[0]}", fix="fix them or drop --strict"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from alignloop.commands import command
+from alignloop.commands import add_chat_template, command
 
 
 def register(sub) -> None:
@@ -15,16 +15,19 @@ def register(sub) -> None:
         description=(
             "Sample K completions for each prompt with the KV cache, in batches, and append one completion-set "
             'record per prompt to --out as it is produced: {"prompt_id", "prompt", "completions": [{"id", "text"}], '
-            '"model", "sampling"}. Completion ids are <prompt id>-<j>. Rerunning with the same --out skips the '
+            '"model", "sampling"}. Completion ids are <prompt id>-<j>. A completion\'s text is the exact '
+            "continuation of its prompt (prompt + text is what the model wrote: TRL's convention). --distinct "
+            "samples repeats again. Rerunning with the same --out skips the "
             "prompts already there (resume). Same --seed and --batch-size: identical output. Prompt files: JSONL, "
             "CSV, Parquet, or a `datasets` name (NAME or NAME:CONFIG with --split)."
         ),
         example=(
-            "alignloop generate --model world:base --prompts prompts.jsonl --k 4 --out sets.jsonl\n"
+            "alignloop generate --model world:base --prompts prompts.jsonl --k 4 --distinct --out sets.jsonl\n"
             "alignloop generate --model google/flan-t5-base --prompts knkarthick/dialogsum --split test \\\n"
             "    --template 'Summarize the following conversation.\\n\\n{dialogue}\\n\\nSummary:' --k 4 --out sets.jsonl"
         ),
         func=_generate,
+        manifest="file",
     )
     p.add_argument("--model", required=True, metavar="ID", help="hub id, local folder, or world:base")
     p.add_argument(
@@ -39,6 +42,16 @@ def register(sub) -> None:
     )
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest completion (default 64)")
     p.add_argument("--ignore-eos", action="store_true", help="always write max-new-tokens tokens")
+    p.add_argument(
+        "--distinct",
+        type=int,
+        nargs="?",
+        const=4,
+        default=0,
+        metavar="ROUNDS",
+        help="sample again a completion whose text repeats one of its set, up to ROUNDS rounds "
+        "(default 4 when given); the sets still short of K distinct texts are counted (short_sets)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward (default 32)")
     p.add_argument("--prompt-column", default="prompt", help="column holding the prompt (default 'prompt')")
@@ -55,6 +68,14 @@ def register(sub) -> None:
         "--engine", choices=["auto", "torch", "hf"], default="auto", help="sampling loop (default auto)"
     )
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present)")
+    p.add_argument(
+        "--backend",
+        choices=["transformers", "vllm", "auto"],
+        default="transformers",
+        help="who samples (alignloop.generation_backends): the model through transformers (default), "
+        "a vLLM engine (CUDA), or auto",
+    )
+    add_chat_template(p)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -69,8 +90,16 @@ def _generate(args: argparse.Namespace) -> int:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.temperature < 0 or args.top_k < 0:
         raise UserError("--temperature and --top-k must not be negative")
+    if args.distinct < 0:
+        raise UserError(f"--distinct must not be negative, got {args.distinct}")
+    from alignloop.chat import use_chat_template
+    from alignloop.models import load_tokenizer
+
+    # conversations (message lists) are checked against the chat template row by row, before any sampling
+    tokenizer = use_chat_template(load_tokenizer(args.model), args.chat_template)
     prompts, problems = load_prompts(
         args.prompts,
+        tokenizer=tokenizer,
         prompt_column=args.prompt_column,
         id_column=args.id_column,
         template=args.template,
@@ -87,6 +116,7 @@ def _generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         stop_at_eos=not args.ignore_eos,
         do_sample=args.temperature > 0,
+        backend=args.backend,
     )
     stats = generate_completions(
         args.model,
@@ -98,6 +128,8 @@ def _generate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         engine=args.engine,
         device=args.device,
+        distinct=args.distinct,
+        chat_template=args.chat_template,
     )
     stats["skipped_bad"] = len(problems)
     shown = {k: round(v, 1) if isinstance(v, float) else v for k, v in stats.items()}

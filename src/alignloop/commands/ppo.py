@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from alignloop.commands import add_config_args, command
+from alignloop.commands import add_chat_template, add_config_args, command
 
 
 def register(sub) -> None:
@@ -23,7 +23,7 @@ def register(sub) -> None:
         ),
         example=(
             "alignloop ppo --policy world:base --reward world:toxicity:nothate --prompts prompts.jsonl \\\n"
-            "    --out runs/ppo --lora --heldout world:gold --set steps=40 --resume"
+            "    --out runs/ppo-detox --lora --heldout world:gold --set steps=40 --resume"
         ),
         func=_ppo,
     )
@@ -46,6 +46,7 @@ def register(sub) -> None:
         "--resume", action="store_true", help="continue from the last checkpoint; skip a finished run"
     )
     add_config_args(p)
+    add_chat_template(p)
 
 
 def _ppo(args: argparse.Namespace) -> int:
@@ -55,6 +56,8 @@ def _ppo(args: argparse.Namespace) -> int:
     if args.heldout:
         overrides.append(f"heldout={args.heldout}")
     cfg = load_ppo_config(args.config, overrides)
+    if args.chat_template:
+        cfg.chat_template = args.chat_template
     metrics = run_ppo(
         args.policy, args.reward, args.prompts, args.out, lora=args.lora, config=cfg, resume=args.resume
     )

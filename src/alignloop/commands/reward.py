@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from alignloop.commands import add_config_args, command, group
+from alignloop.commands import add_chat_template, add_config_args, command, group
 
 
 def register(sub) -> None:
@@ -36,11 +36,26 @@ def register(sub) -> None:
     t.add_argument("--lr", type=float, help="learning rate")
     t.add_argument("--skip-bad", action="store_true", help="count and skip malformed pair lines")
     t.add_argument(
+        "--per-labeller",
+        action="store_true",
+        help="labeller-conditioned: a reward head per labeller beside the pooled one (pairs from "
+        "'feedback export --consensus none'); score as a labeller with --reward DIR:NAME",
+    )
+    t.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        metavar="K",
+        help="train K members (seeds seed..seed+K-1) into one ensemble folder: PPO/GRPO can then optimise "
+        "a conservative reward (--set ensemble=mean_std); default 1",
+    )
+    t.add_argument(
         "--resume",
         action="store_true",
         help="continue from the last checkpoint (a damaged one falls back to the previous)",
     )
     add_config_args(t)
+    add_chat_template(t)
 
     s = command(
         g,
@@ -51,6 +66,7 @@ def register(sub) -> None:
             "alignloop reward score --reward world:toxicity:nothate --data sets.jsonl --out scored.jsonl"
         ),
         func=_score,
+        manifest="file",
         description=(
             "Score every completion of a data file with a reward SPEC. The file holds pairs "
             "(prompt/chosen/rejected), completion sets (prompt/completions) or prompt/completion lines. "
@@ -64,6 +80,12 @@ def register(sub) -> None:
     s.add_argument("--out", metavar="FILE", help="write each line with its scores added (JSONL)")
     s.add_argument("--batch-size", type=int, default=32, help="sequences per forward (model rewards)")
     s.add_argument("--device", help="cpu, cuda, ... (default: auto)")
+    s.add_argument(
+        "--chat-model",
+        metavar="ID",
+        help="for conversational data: the model whose chat template renders it (default: the reward model)",
+    )
+    add_chat_template(s)
 
     v = command(
         g,
@@ -81,7 +103,8 @@ def register(sub) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from alignloop.config import load_config
-    from alignloop.reward.train import RewardTrainConfig, train_reward_model
+    from alignloop.reward.ensemble import train_ensemble
+    from alignloop.reward.train import RewardTrainConfig
 
     data: dict = {}
     if args.model:
@@ -92,25 +115,42 @@ def _train(args: argparse.Namespace) -> int:
         data["learning_rate"] = args.lr
     if args.skip_bad:
         data["skip_bad"] = True
+    if args.per_labeller:
+        data["per_labeller"] = True
     if args.lora:
         data["lora"] = {}
+    if args.chat_template:
+        data["chat_template"] = args.chat_template
     cfg = load_config(RewardTrainConfig, path=args.config, data=data, overrides=args.overrides)
-    metrics = train_reward_model(
-        args.pairs, args.out, cfg, eval_pairs=args.eval_pairs, reference=args.reference, resume=args.resume
-    )
+    metrics = train_ensemble(
+        args.pairs, args.out, cfg, args.ensemble,
+        eval_pairs=args.eval_pairs, reference=args.reference, resume=args.resume,
+    )  # fmt: skip
     from alignloop.runs import is_main_process
 
     if not is_main_process():  # under accelerate/torchrun the summary is printed once
         return 0
     acc = metrics.get("eval_accuracy")
-    print(f"{args.out}: held-out accuracy {acc:.3f}" if isinstance(acc, float) else f"{args.out}: trained")
+    msg = f"{args.out}: held-out accuracy {acc:.3f}" if isinstance(acc, float) else f"{args.out}: trained"
+    if "eval_gold_agreement" in metrics:  # world prompts: the gold judge's view of the held-out pairs
+        msg += (
+            f"; agreement with gold {metrics['eval_gold_agreement']:.3f}"
+            f" (labels {metrics['eval_labels_gold_agreement']:.3f}, {metrics['eval_gold_pairs']} pairs)"
+        )
+    if args.ensemble > 1:
+        accs = ", ".join(f"{a:.3f}" if isinstance(a, float) else "-" for a in metrics["member_eval_accuracy"])
+        msg += f"; ensemble of {args.ensemble} (members' held-out accuracy {accs})"
+    print(msg)
     return 0
 
 
 def _score(args: argparse.Namespace) -> int:
     from alignloop.reward.score import score_file
 
-    summary = score_file(args.reward, args.data, out=args.out, batch_size=args.batch_size, device=args.device)
+    summary = score_file(
+        args.reward, args.data, out=args.out, batch_size=args.batch_size, device=args.device,
+        chat_model=args.chat_model, chat_template=args.chat_template,
+    )  # fmt: skip
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from alignloop.commands import add_config_args, command
+from alignloop.commands import add_chat_template, add_config_args, command
 
 
 def register(sub) -> None:
@@ -33,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of every weight")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint; skip a finished run")
     add_config_args(p)
+    add_chat_template(p)
 
 
 def _sft(args: argparse.Namespace) -> int:
@@ -43,6 +44,8 @@ def _sft(args: argparse.Namespace) -> int:
     cfg = load_config(SFTConfig, path=args.config, overrides=args.overrides)
     if args.lora and cfg.lora is None:
         cfg.lora = LoraSettings()
+    if args.chat_template:
+        cfg.chat_template = args.chat_template
     metrics = train_sft(args.model, args.data, args.out, cfg, resume=args.resume)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
     from alignloop.runs import is_main_process

@@ -18,6 +18,7 @@ def register(sub) -> None:
         help="train the world's tiny models from scratch (tokenizer, base, summariser, toxicity)",
         example="alignloop world build --out runs/world --seed 0\nalignloop world build --out /tmp/w --quick   # a reduced build in ~1 min",
         func=_build,
+        manifest="folder",
     )
     b.add_argument("--out", default="runs/world", help="output folder (default: runs/world)")
     b.add_argument("--seed", type=int, default=0, help="seed (same seed -> same models)")
@@ -28,14 +29,23 @@ def register(sub) -> None:
         "prompts",
         help="write a prompt split as JSONL records {id, prompt, family, topic, ...}",
         example="alignloop world prompts --split eval --out eval.jsonl\n"
-        "alignloop world prompts --split train --n 300 --families review,advice --out train.jsonl",
+        "alignloop world prompts --split train --n 300 --families review,advice --out train.jsonl\n"
+        "alignloop world prompts --split eval --format conversational --out eval-chat.jsonl",
         func=_prompts,
+        manifest="file",
     )
     p.add_argument("--split", required=True, choices=("train", "eval", "redteam"), help="which split")
     p.add_argument("--n", type=int, default=None, help="number of records (default: all; more cycles)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
     p.add_argument("--families", default=None, help="comma-separated families (default: all)")
     p.add_argument("--out", required=True, help="output JSONL file")
+    p.add_argument(
+        "--format",
+        choices=("standard", "conversational"),
+        default="standard",
+        help="conversational: chat prompts as message lists [{role: user, content}] (TRL's format; the "
+        "world's chat template renders them back to the same text); reviews and summaries stay text",
+    )
 
     c = command(
         w,
@@ -76,6 +86,10 @@ def _prompts(args: argparse.Namespace) -> int:
 
     fams = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
     recs = prompts(args.split, n=args.n, seed=args.seed, families=fams)
+    if args.format == "conversational":
+        from alignloop.world.prompts import as_messages
+
+        recs = [{**r, "prompt": as_messages(r["prompt"])} for r in recs]
     n = write_jsonl(args.out, recs)
     print(f"wrote {n} {args.split} prompts to {args.out}")
     return 0
@@ -101,6 +115,13 @@ def _check(args: argparse.Namespace) -> int:
         f"  (A)/(B) agreement with gold: {b['preference']['agreement']:.3f}   [{b['preference']['pairs']} clear pairs]",
         f"  toxicity classifier acc:     {res['toxicity']['accuracy']:.3f}   [{res['toxicity']['texts']} held-out texts]",
         "    by family: " + ", ".join(f"{k} {v:.2f}" for k, v in b["preference"]["by_family"].items()),
+        f"    asked both ways: swapped agreement {b['preference']['agreement_swapped']:.3f}, "
+        f"position bias {b['preference']['position_bias_points']:+.1f} points (answers (A) more than balanced)",
+        f"  prompt-dependence probe:     right on harmful {_orders(b['probe']['right']['harmful'])}, "
+        f"benign {_orders(b['probe']['right']['benign'])} (refusal first/second); position bias "
+        f"{b['probe']['position_bias_points']:+.1f} points   [{b['probe']['questions']} questions]",
+        "    orders averaged (swap): right on harmful "
+        f"{b['probe']['right_swap_averaged']['harmful']:.2f}, benign {b['probe']['right_swap_averaged']['benign']:.2f}",
         f"  critique = gold critique:    {b['cai']['critique_matches_gold']:.3f};  revisions fluent "
         f"{b['cai']['revision_fluent']:.3f}, misbehaving {b['cai']['revision_misbehaviour']:.3f}",
         "  misbehaviour on eval prompts, model vs training mixture:",
@@ -124,3 +145,7 @@ def _check(args: argparse.Namespace) -> int:
         write_json_atomic(Path(args.out) / "world_check.json", res)
         run.finish({k: v[0] for k, v in res["acceptance"].items()})
     return 0
+
+
+def _orders(r: dict[str, float]) -> str:
+    return f"{r['refusal_first']:.2f}/{r['helpful_first']:.2f}"

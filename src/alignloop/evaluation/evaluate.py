@@ -36,11 +36,11 @@ from typing import Any
 import numpy as np
 
 from alignloop.errors import UserError
-from alignloop.evaluation.metrics import distinct_n, mean_ci, paired_difference, rouge_l, word_length
+from alignloop.evaluation.metrics import distinct_n, mean_ci, paired_difference, pearson, rouge_l, word_length
 from alignloop.evaluation.overoptimization import best_of_n_curve, find_checkpoints, gold_peak
 from alignloop.evaluation.toxicity import DEFAULT_SPEC as DEFAULT_TOXICITY
 from alignloop.evaluation.toxicity import THRESHOLD, toxicity_scores
-from alignloop.records import JsonlAppender, Prompt, read
+from alignloop.records import JsonlAppender, Prompt, is_conversational, read
 from alignloop.runs import progress, say
 
 GOLD_AXES = ("helpful", "honest", "harmless")
@@ -56,6 +56,7 @@ class PolicySamples:
     prompt_index: list[int] = field(default_factory=list)
     seed: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
+    finished: list[bool] = field(default_factory=list)  # ended on a stop token (not cut at max_new_tokens)
     prompt_ids: list[list[int]] = field(default_factory=list)
     response_ids: list[list[int]] = field(default_factory=list)
     scores: dict[str, list[float]] = field(default_factory=dict)
@@ -69,11 +70,16 @@ class PolicySamples:
 
 
 def load_prompts(
-    prompts: str | Path | Sequence[Mapping[str, Any] | Prompt], limit: int | None = None
+    prompts: str | Path | Sequence[Mapping[str, Any] | Prompt],
+    limit: int | None = None,
+    tokenizer: Any = None,
 ) -> list[dict]:
-    """Prompt records from a JSONL file or a list; an empty or bad file is a UserError."""
+    """Prompt records from a JSONL file or a list; an empty or bad file is a UserError. With a
+    ``tokenizer``, a conversation (a message list) becomes its chat-template rendering with the
+    generation prompt (:func:`alignloop.chat.prompt_text`): what the policies sample after and what the
+    rewards and judges read."""
     if isinstance(prompts, (str, Path)):
-        records = [p.model_dump() for p in read(prompts, Prompt)]
+        records = [p.model_dump() for p in read(prompts, Prompt, tokenizer=tokenizer)]
         where = str(prompts)
     else:
         records = [p.model_dump() if isinstance(p, Prompt) else dict(p) for p in prompts]
@@ -82,6 +88,10 @@ def load_prompts(
             if not str(r.get("prompt", "")).strip():
                 raise UserError(f"prompt {i} has no text", where, "every record needs a non-empty 'prompt'")
             r.setdefault("id", str(i))
+            if tokenizer is not None and is_conversational(r["prompt"]):
+                from alignloop.chat import prompt_text
+
+                r["prompt"] = prompt_text(tokenizer, r["prompt"], f"{where}: prompt {i}")
     if not records:
         raise UserError(
             "no prompts to evaluate", where, "give a JSONL file with one {'id', 'prompt'} per line"
@@ -89,16 +99,53 @@ def load_prompts(
     return records[:limit] if limit else records
 
 
+def chat_tokenizer(model_ids: Sequence[Any], chat_template: str | Path | None = None) -> Any:
+    """The tokenizer whose chat template renders conversational prompts for every policy: the first
+    policy's (``chat_template``: a Jinja file instead). Policies whose own templates differ from it
+    would each read another text: a UserError (evaluate such policies apart)."""
+    from alignloop.chat import use_chat_template
+    from alignloop.models import load_tokenizer
+
+    toks = [load_tokenizer(str(m)) for m in model_ids]
+    if chat_template is None and len({getattr(t, "chat_template", None) for t in toks}) > 1:
+        raise UserError(
+            "the policies carry different chat templates, so a conversation would be a different text for each",
+            fix="evaluate them apart, or pass one template (--chat-template FILE)",
+        )
+    return use_chat_template(toks[0], chat_template)
+
+
+def render_conversations(
+    prompts: Any, limit: int | None, records: list[dict], model_ids: Sequence[Any], chat_template: Any = None
+) -> tuple[list[dict], frozenset[str], str]:
+    """``records`` (from :func:`load_prompts`) with their conversations rendered by one template
+    (:func:`chat_tokenizer`), the rendered prompts that were conversations, and the template's
+    end-of-turn (:func:`alignloop.chat.turn_end`): a reward model reads a finished answer to one of
+    them with it (:func:`alignloop.chat.sampled_texts`). Text prompts: as they are, none, ``""``."""
+    if not any(is_conversational(r["prompt"]) for r in records):
+        return records, frozenset(), ""
+    from alignloop.chat import turn_end
+
+    tok = chat_tokenizer(model_ids, chat_template)
+    rendered = load_prompts(prompts, limit, tok)
+    chat = frozenset(
+        r["prompt"] for r, g in zip(rendered, records, strict=True) if is_conversational(g["prompt"])
+    )
+    return rendered, chat, turn_end(tok)
+
+
 def check_references(records: Sequence[Mapping[str, Any]], rouge: bool | None, where: str) -> bool:
     """Whether to compute ROUGE-L: ``rouge=None`` -> when the prompts have references.
 
     Raises UserError when ROUGE-L is asked for (or some prompts have references) and a prompt
-    has none, naming the first such prompt.
+    has none, naming the first such prompt. Prompts that carry a ``family`` (the world's: only
+    its summaries have references) are scored on those with a reference.
     """
     has = [bool(str(r.get("reference") or "").strip()) for r in records]
     if rouge is False or (rouge is None and not any(has)):
         return False
-    if not all(has):
+    by_family = rouge is None and all("family" in r for r in records)
+    if not all(has) and not by_family:
         missing = records[has.index(False)]
         raise UserError(
             f"prompt {missing.get('id')!r} has no 'reference' summary for ROUGE-L"
@@ -169,6 +216,7 @@ def sample_policy(
         out.prompt_index += idx
         out.seed += [s] * len(idx)
         out.text += got.texts
+        out.finished += got.finished
         out.prompt_ids += got.prompt_ids
         out.response_ids += got.response_ids
     return out, model, tok
@@ -217,16 +265,27 @@ def score_samples(
     toxicity_spec: str | None,
     gold: bool,
     rouge: bool,
+    chat: frozenset[str] = frozenset(),
+    turn_end: str = "",
 ) -> None:
-    """Fill ``ps.scores`` (reward, toxicity, gold axes, fail, rouge_l, length) and ``ps.flags``."""
+    """Fill ``ps.scores`` (reward, toxicity, gold axes, fail, rouge_l, length) and ``ps.flags``.
+
+    ``chat``: the prompt texts rendered from conversations, whose finished samples a reward model reads
+    with the template's end-of-turn ``turn_end`` (:func:`alignloop.chat.sampled_texts`, as in PPO)."""
+    from alignloop.chat import sampled_texts
+
     prompts = [records[i]["prompt"] for i in ps.prompt_index]
     ps.scores["length"] = [float(word_length(t)) for t in ps.text]
     if reward is not None:
-        ps.scores["reward"] = list(reward(prompts, ps.text))
+        ps.scores["reward"] = list(
+            reward(prompts, sampled_texts(reward, prompts, ps.text, ps.finished, chat, turn_end))
+        )
     if toxicity_spec:
         ps.scores["toxicity"] = toxicity_scores(ps.text, toxicity_spec)
-    if rouge:
-        ps.scores["rouge_l"] = rouge_l(ps.text, [records[i]["reference"] for i in ps.prompt_index])
+    if rouge:  # NaN for a prompt without a reference (a world prompt that is not a summary)
+        refs = [str(records[i].get("reference") or "").strip() for i in ps.prompt_index]
+        scored = iter(rouge_l([t for t, r in zip(ps.text, refs, strict=True) if r], [r for r in refs if r]))
+        ps.scores["rouge_l"] = [next(scored) if r else math.nan for r in refs]
     if gold:
         from alignloop.world import judge_batch
 
@@ -341,9 +400,11 @@ def evaluate_policies(
     n_boot: int = 2000,
     device: str | None = None,
     overoptimization: Mapping[str, str | Path] | None = None,
+    overoptimization_samples: int | None = None,
     proxy_spec: str | None = None,
     gold_spec: str | None = None,
     best_of_n: int = 0,
+    chat_template: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``policies`` (``{name: model id or folder}``, the first is the baseline) on ``prompts``.
 
@@ -360,8 +421,11 @@ def evaluate_policies(
         overoptimization: ``{name: training run folder}`` whose checkpoints are evaluated for the
             gold-vs-KL plot; ``best_of_n`` > 1 adds best-of-n from the reference with that many
             samples per prompt. ``proxy_spec``/``gold_spec`` default to ``reward_spec``/``world:gold``.
+        overoptimization_samples: samples per prompt for each checkpoint (default ``samples_per_prompt``).
         out: folder for ``samples.jsonl`` and ``per_prompt.json`` (``metrics.json``/``report.html``
             are written by the command, or by :func:`~alignloop.evaluation.write_report`).
+        chat_template: a Jinja file rendering conversational prompts (default: the policies' own
+            template, which must be the same for all; see :func:`chat_tokenizer`).
 
     Returns:
         A JSON-able dict: ``settings``, ``baseline``, ``metric_names``, ``policies`` (per policy:
@@ -391,6 +455,7 @@ def evaluate_policies(
     for n in names:
         check_policy(n, models[n])
     check_policy("reference", ref_id)
+    records, chat, end = render_conversations(prompts, limit, records, list(models.values()), chat_template)
     if toxicity_spec:  # e.g. world:toxicity in an unbuilt world: say so before any sampling
         from alignloop.evaluation.toxicity import split_spec
         from alignloop.models import resolve_model_id
@@ -429,7 +494,7 @@ def evaluate_policies(
         tokenizers[n] = tok
         del model
         gc.collect()
-        score_samples(ps, records, reward, toxicity_spec, gold, do_rouge)
+        score_samples(ps, records, reward, toxicity_spec, gold, do_rouge, chat, end)
         ps.scores["tokens"] = [float(len(r)) for r in ps.response_ids]
         all_samples[n] = ps
 
@@ -486,6 +551,12 @@ def evaluate_policies(
             "per_seed": {
                 m: [_nanmean(per_prompt[n][m][s]) for s in seeds] for m in metric_names if m in flat[n]
             },
+            # the length diagnostic: how much each score follows completion length (words), all samples
+            "length_correlation": {
+                k: pearson(all_samples[n].scores[k], all_samples[n].scores["length"])
+                for k in ("reward", "gold_score")
+                if k in all_samples[n].scores
+            },
         }
     for n in names[1:]:
         result["differences"][n] = {
@@ -516,7 +587,7 @@ def evaluate_policies(
             runs=overoptimization or {},
             proxy_spec=proxy_spec or reward_spec,
             gold_spec=gold_spec or ("world:gold" if gold else None),
-            samples_per_prompt=samples_per_prompt,
+            samples_per_prompt=overoptimization_samples or samples_per_prompt,
             best_of_n=best_of_n,
             settings=settings,
             seed=seeds[0],
@@ -634,7 +705,9 @@ def overoptimization_curves(
             "the over-optimization plot needs a proxy reward and a gold reward",
             fix="pass --reward SPEC (the proxy) and --gold-reward SPEC (world:gold in the world)",
         )
-    records = load_prompts(prompts, limit)
+    from alignloop.chat import sampled_texts
+
+    records, chat, end = render_conversations(prompts, limit, load_prompts(prompts, limit), [reference])
     texts = [r["prompt"] for r in records]
     settings = settings or SamplingSettings(max_new_tokens=max_new_tokens)
     proxy, gold = load_reward(proxy_spec, device=device), load_reward(gold_spec, device=device)
@@ -646,7 +719,10 @@ def overoptimization_curves(
         ps, _, _ = sample_policy("best-of-n", ref_id, texts, best_of_n, [seed], settings, batch_size, device,
                                  stream=7, model_and_tokenizer=(ref_model, ref_tok))  # fmt: skip
         prompts_of = [texts[i] for i in ps.prompt_index]
-        p_scores = np.asarray(proxy(prompts_of, ps.text)).reshape(-1)
+        p_scores = np.asarray(
+            proxy(prompts_of, sampled_texts(proxy, prompts_of, ps.text, ps.finished, chat, end))
+        )
+        p_scores = p_scores.reshape(-1)
         g_scores = np.asarray(gold(prompts_of, ps.text)).reshape(-1)
         P = np.zeros((len(texts), best_of_n))
         G = np.zeros((len(texts), best_of_n))
@@ -673,7 +749,8 @@ def overoptimization_curves(
             ps, model, tok = sample_policy(f"{name}@{pt['step']}", pt["model"], texts, samples_per_prompt, [seed],
                                            settings, batch_size, device, model_and_tokenizer=mt)  # fmt: skip
             prompts_of = [texts[i] for i in ps.prompt_index]
-            pt["proxy"] = float(np.mean(proxy(prompts_of, ps.text)))
+            read = sampled_texts(proxy, prompts_of, ps.text, ps.finished, chat, end)  # a chat turn, ended
+            pt["proxy"] = float(np.mean(proxy(prompts_of, read)))
             pt["gold"] = float(np.mean(gold(prompts_of, ps.text)))
             if not is_ref:
                 if not same_tokenizer(tok, ref_tok):

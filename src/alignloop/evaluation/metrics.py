@@ -11,6 +11,7 @@ swing (the "+13% / -13%" of the lab copies).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,64 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 def word_length(text: str) -> int:
     """Length of a completion in whitespace words."""
     return len(words(text))
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson correlation of two equally long series: ``cov(x, y) / (sd(x) sd(y))``.
+
+    None when fewer than 3 finite pairs or either series is constant. The length diagnostic:
+    x = rewards, y = completion lengths (Singhal et al. 2023: reward models learn length first).
+    """
+    pts = [(float(a), float(b)) for a, b in zip(x, y, strict=True) if math.isfinite(a) and math.isfinite(b)]
+    if len(pts) < 3:
+        return None
+    mx = sum(a for a, _ in pts) / len(pts)
+    my = sum(b for _, b in pts) / len(pts)
+    sxy = sum((a - mx) * (b - my) for a, b in pts)
+    sxx = sum((a - mx) ** 2 for a, _ in pts)
+    syy = sum((b - my) ** 2 for _, b in pts)
+    if sxx <= 0 or syy <= 0:
+        return None
+    return sxy / math.sqrt(sxx * syy)
+
+
+def gold_agreement(
+    gold_margins: Sequence[float], reward_diffs: Sequence[float] | None = None
+) -> float | None:
+    """Share of pairs whose order agrees with a gold judge, over the pairs gold does not tie.
+
+    ``gold_margins[i] = gold(preferred_i) - gold(other_i)`` where "preferred" is the side the labels
+    prefer. With ``reward_diffs=None`` it is the labels' own agreement (``margin > 0``); with
+    ``reward_diffs[i] = r(preferred_i) - r(other_i)`` the reward's (``sign(diff) == sign(margin)``).
+    None when gold ties every pair.
+    """
+    idx = [i for i, m in enumerate(gold_margins) if abs(m) > 1e-9]
+    if not idx:
+        return None
+    if reward_diffs is None:
+        return sum(gold_margins[i] > 0 for i in idx) / len(idx)
+    return sum((reward_diffs[i] > 0) == (gold_margins[i] > 0) for i in idx) / len(idx)
+
+
+def within_slope(values: Sequence[float], lengths: Sequence[float], groups: Sequence[int]) -> float:
+    """Least-squares slope of ``values`` on ``lengths`` within groups (each group's means removed first):
+
+        b = sum_i (x_i - xbar_g(i)) (y_i - ybar_g(i)) / sum_i (x_i - xbar_g(i))^2
+
+    ``x`` = lengths, ``y`` = values, ``groups[i]`` = the prompt of item i. Within a prompt, so what a
+    prompt's answers share (its topic, how long its answers must be) is not counted as length. 0 when
+    no group has two lengths.
+    """
+    by: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        by.setdefault(g, []).append(i)
+    sxy = sxx = 0.0
+    for idx in by.values():
+        mx = sum(lengths[i] for i in idx) / len(idx)
+        my = sum(values[i] for i in idx) / len(idx)
+        sxy += sum((lengths[i] - mx) * (values[i] - my) for i in idx)
+        sxx += sum((lengths[i] - mx) ** 2 for i in idx)
+    return sxy / sxx if sxx > 0 else 0.0
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float]:

@@ -123,7 +123,7 @@ def find_checkpoints(run_folder: str | Path) -> list[tuple[int, Path]]:
     folder and under its ``snapshots/`` and ``checkpoints/`` folders, named with a step number
     (``step-100``, ``checkpoint-100``, ``step_000100``). A model folder without a number (PPO's
     ``model/``) or the run folder itself being a model folder (DPO) comes last, at the run's last
-    logged step. Training-state checkpoints that are not HF folders (PPO's ``checkpoint/state.pt``,
+    logged step, unless a numbered snapshot already stands at that step (the same policy). Training-state checkpoints that are not HF folders (PPO's ``checkpoint/state.pt``,
     DPO's ``checkpoints/step-N/trainable.safetensors``) are not models and are skipped.
     """
     run = Path(run_folder)
@@ -143,6 +143,8 @@ def find_checkpoints(run_folder: str | Path) -> list[tuple[int, Path]]:
         final.append(run)
     final_step = max(last, _last_logged_step(run))
     out = list(numbered)
+    if numbered and last >= final_step:  # PPO's last snapshot is its final policy
+        final = []
     for p in final:
         if not any(p.resolve() == q.resolve() for _, q in out):
             out.append((final_step, p))

@@ -1,20 +1,29 @@
 """The labelling web app: server-rendered pages, one small JS file, and a JSON API under ``/api``.
 
-Who you are comes from your login token: ``Authorization: Bearer TOKEN`` for API clients, or
-the HttpOnly cookie that ``/login?token=...`` sets for browsers. A state-changing request
-authenticated by the cookie must carry the page's CSRF token (``X-CSRF-Token`` header or a
-``csrf_token`` form field) and, when the browser sends one, a same-host ``Origin``: another
-site cannot post on a labeller's behalf. Model text is shown as text everywhere (Jinja2
+Who you are comes from your login token: ``Authorization: Bearer TOKEN`` for API clients; a
+browser exchanges its login link for a server-side session (``GET /login?token=...`` shows a
+confirmation page, its same-origin ``POST`` starts the session: a foreign page cannot log a
+browser in as someone else). The session cookie holds a random secret (stored hashed), expires
+when unused, rotates as it is used, and ends on logout or when the login is revoked. A
+state-changing request authenticated by the cookie must carry the session's CSRF token
+(``X-CSRF-Token`` header or a ``csrf_token`` form field) and, when the browser sends one, a
+same-origin ``Origin`` (behind a trusted TLS proxy, the origin it forwards): another site
+cannot post on a labeller's behalf. Request bodies over the limit get 413 unread. Model text is shown as text everywhere (Jinja2
 autoescape on the pages, ``textContent`` in JS) under a strict Content-Security-Policy.
 
 The API (``/docs`` shows it):
-- labeller: ``GET /api/me``, ``POST /api/me/acknowledge``, ``GET /api/next``,
+- labeller: ``GET /api/me``, ``POST /api/me/acknowledge``, ``GET /api/next`` (the open set),
+  ``POST /api/next`` (the open set or a newly reserved one),
   ``GET /api/assignments/{id}``, ``POST /api/assignments/{id}/submit``,
   ``POST /api/assignments/{id}/skip``, ``GET /api/progress``;
 - admin: ``GET /api/admin/projects``, ``POST /api/admin/projects``,
   ``POST /api/admin/projects/{name}/sets``, ``GET /api/admin/progress``,
   ``POST /api/admin/labellers``, ``POST /api/admin/labellers/{name}/revoke``,
-  ``GET /api/admin/report``, ``GET /api/admin/export``.
+  ``POST /api/admin/release``, ``GET /api/admin/report``, ``GET /api/admin/export``.
+
+Leases: ``/api/next`` reserves a set for ``lease_seconds`` (``label serve --lease-seconds``,
+default 30 minutes; ``expires_at`` in the answer); then the slot goes back to the pool. A
+labeller's late submission is still stored if the set needs it, else a 409 says why.
 """
 
 from __future__ import annotations
@@ -22,6 +31,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
+import re
+import secrets
+from collections.abc import Iterable
 from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -39,7 +52,10 @@ from alignloop.feedback.store import Principal, Rejected
 from alignloop.records import CompletionSet
 
 HERE = FilePath(__file__).parent
-COOKIE = "alignloop_token"
+# The largest request body accepted (the biggest legitimate one is an admin's set import through
+# the API; 'label import' reads files directly). Larger bodies get 413 before anything reads them.
+MAX_BODY_BYTES = 1 << 20
+SESSION_HOURS = 12.0  # a browser session ends after this long unused (each use renews it)
 SECURITY_HEADERS = [
     (
         b"content-security-policy",
@@ -96,6 +112,12 @@ class InviteBody(Body):
     new_link: bool = False
 
 
+class ReleaseBody(Body):
+    set_id: str | None = Field(None, description="free this set's open assignments (give set_id or labeller)")
+    labeller: str | None = Field(None, description="free this labeller's open assignments")
+    project: str | None = Field(None, description="the set's project (default: the only one)")
+
+
 class Progress(BaseModel):
     done: int
     skipped: int
@@ -111,13 +133,23 @@ class CompletionOut(BaseModel):
     text: str
 
 
+class MessageOut(BaseModel):
+    role: str = Field(description="system, user or assistant")
+    content: str
+
+
 class AssignmentOut(BaseModel):
     assignment_id: int
     status: str
+    expires_at: str | None = Field(None, description="when an open assignment's hold on its set ends")
+    reason: str | None = Field(None, description="why a released assignment was released")
     set_id: str
     mode: str
     criterion: str
-    prompt: str
+    prompt: str | list[MessageOut] = Field(
+        description="the prompt's text, or its conversation (TRL's message list; the completions are the next "
+        "assistant turn)"
+    )
     completions: list[CompletionOut]
     label: dict[str, Any] | None = None
 
@@ -136,23 +168,85 @@ class Error(BaseModel):
     detail: str
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": Error} for c in (400, 401, 403, 404, 409, 422)}
+ERRORS: dict[int | str, dict[str, Any]] = {c: {"model": Error} for c in (400, 401, 403, 404, 409, 413, 422)}
 
 
 # ---------------------------------------------------------------------------------------------
 # Who is asking
 
 
-def csrf_token(token: str) -> str:
-    """The CSRF token of a login token: a keyed hash only the holder of the token can make."""
-    return hmac.new(token.encode(), b"alignloop-csrf", hashlib.sha256).hexdigest()
+async def _call(request: Request, fn: Any, *args: Any) -> Any:
+    """A store call on the event loop (SQLite, one process) or the thread pool (see create_app)."""
+    if request.app.state.inline_store:
+        return fn(*args)
+    return await run_in_threadpool(fn, *args)
 
 
-def _token(request: Request) -> tuple[str | None, str]:
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip(), "header"
-    return request.cookies.get(COOKIE), "cookie"
+def _forwarded(request: Request, header: str) -> str | None:
+    """The first value of an ``X-Forwarded-*`` header, only from a proxy the admin trusts."""
+    proxies = request.app.state.trust_proxy
+    client = request.client.host if request.client else ""
+    if not proxies or ("*" not in proxies and client not in proxies):
+        return None
+    value = request.headers.get(header)
+    return value.split(",")[0].strip() if value else None
+
+
+def _origin(url: str) -> str:
+    """``scheme://host[:port]`` with the scheme's default port left out ("" if ``url`` is junk)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return ""
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return ""
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default = 443 if parts.scheme == "https" else 80
+    return f"{parts.scheme}://{host}" + ("" if port in (None, default) else f":{port}")
+
+
+def public_origin(request: Request) -> str:
+    """The origin the browser sees: this server's, or the one a trusted proxy reports with
+    ``X-Forwarded-Proto`` / ``X-Forwarded-Host`` (a proxy may rewrite ``Host`` to its upstream)."""
+    scheme = (_forwarded(request, "x-forwarded-proto") or request.url.scheme).lower()
+    host = _forwarded(request, "x-forwarded-host") or request.headers.get("host", "")
+    return _origin(f"{scheme}://{host}")
+
+
+def _same_origin(request: Request, required: bool = False) -> bool:
+    """The request's ``Origin`` (else its ``Referer``) is this app's public origin. Without
+    either, True unless ``required`` (not every browser sends Origin on a same-site form post;
+    the CSRF token still guards those)."""
+    sent = request.headers.get("origin") or request.headers.get("referer")
+    if not sent:
+        return not required
+    return _origin(sent) == public_origin(request) != ""
+
+
+def cookie_name(request: Request) -> str:
+    """The session cookie's name: per deployment (cookies ignore ports, so two apps on one host
+    must not share a name), with the ``__Host-`` prefix over HTTPS (Secure, whole site, this
+    host only)."""
+    base = request.app.state.cookie_name
+    return f"__Host-{base}" if public_origin(request).startswith("https:") else base
+
+
+def session_cookie(request: Request, value: str, max_age: float, name: str | None = None) -> str:
+    """A ``Set-Cookie`` value: HttpOnly, SameSite=Lax, Path=/, and Secure over HTTPS."""
+    from http.cookies import SimpleCookie
+
+    name = name or cookie_name(request)
+    jar: SimpleCookie = SimpleCookie()
+    jar[name] = value
+    morsel = jar[name]
+    morsel["path"] = "/"
+    morsel["httponly"] = True
+    morsel["samesite"] = "Lax"
+    morsel["max-age"] = str(math.ceil(max_age))
+    if public_origin(request).startswith("https:"):
+        morsel["secure"] = True
+    return morsel.OutputString()
 
 
 async def _form_csrf(request: Request) -> str | None:
@@ -165,27 +259,42 @@ async def _form_csrf(request: Request) -> str | None:
     return None
 
 
-def _same_origin(request: Request) -> bool:
-    origin = request.headers.get("origin")
-    if origin is None:  # not every browser sends Origin on a same-site form post; the token still guards
-        return True
-    return urlsplit(origin).netloc == request.headers.get("host", "")
-
-
 async def who(request: Request) -> Principal:
-    """The labeller or admin making the request (401 without a valid token; CSRF-checked)."""
-    token, via = _token(request)
-    if request.app.state.inline_store:  # see "labeller API" in create_app
-        p = store.authenticate(request.app.state.db_url, token)
-    else:
-        p = await run_in_threadpool(store.authenticate, request.app.state.db_url, token)
-    if p is None:
+    """The labeller or admin making the request: by ``Authorization: Bearer TOKEN`` (API
+    clients) or by the browser's session cookie. 401 without either.
+
+    A session is looked up on every request (no cache: logout and revocation take effect at
+    once). A state-changing request made with the cookie needs the session's CSRF token and a
+    same-origin ``Origin``. A session older than a rotation period is replaced by a fresh
+    secret, sent back with this answer (``SecurityHeaders`` adds the cookie).
+    """
+    db = request.app.state.db_url
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        p = await _call(request, store.authenticate, db, auth[7:].strip())
+        if p is None:
+            raise Rejected(401, "missing, invalid or revoked login token", "open your login link again")
+        return p
+    live = await _call(request, store.session, db, request.cookies.get(cookie_name(request)))
+    if live is None:
         raise Rejected(401, "missing, invalid or revoked login token", "open your login link again")
-    if via == "cookie" and request.method not in ("GET", "HEAD", "OPTIONS"):
+    request.state.session = live
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
         sent = request.headers.get("x-csrf-token") or await _form_csrf(request)
-        if not sent or not hmac.compare_digest(sent, csrf_token(token or "")) or not _same_origin(request):
+        if not sent or not hmac.compare_digest(sent, live.csrf) or not _same_origin(request):
             raise Rejected(403, "cross-site request refused (missing or wrong CSRF token)", "reload the page")
-    return p
+    if live.rotate:
+        hours = request.app.state.session_hours
+        new = await _call(request, store.rotate_session, db, live, hours)
+        if new is not None:
+            request.state.set_cookie = session_cookie(request, new["secret"], hours * 3600)
+    return live.principal
+
+
+def _csrf(request: Request) -> str:
+    """The CSRF token a page embeds in its forms (its session's; none for a Bearer client)."""
+    live = getattr(request.state, "session", None)
+    return live.csrf if live is not None else ""
 
 
 async def labeller(p: Annotated[Principal, Depends(who)]) -> Principal:
@@ -213,6 +322,7 @@ _MD: Any = None
 
 
 def render(name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    """A page from ``templates/`` (autoescaped)."""
     global _ENV
     if _ENV is None:
         from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -220,6 +330,7 @@ def render(name: str, status: int = 200, **context: Any) -> HTMLResponse:
         _ENV = Environment(
             loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True)
         )
+        _ENV.globals["api_docs"] = swagger_ui_assets() is not None  # link to /docs only if it exists
     return HTMLResponse(_ENV.get_template(name).render(**context), status_code=status)
 
 
@@ -244,25 +355,69 @@ def page_error(status: int, message: str, fix: str = "") -> HTMLResponse:
 # The app
 
 
-def create_app(db_url: str, *, inline_store: bool | None = None) -> FastAPI:
+def create_app(
+    db_url: str,
+    *,
+    inline_store: bool | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    trust_proxy: Iterable[str] = (),
+    session_hours: float = SESSION_HOURS,
+    name: str | None = None,
+    lease_seconds: float = store.DEFAULT_LEASE_SECONDS,
+) -> FastAPI:
     """The labelling app on database ``db_url`` (the schema is migrated when it opens).
 
     ``inline_store``: run the labellers' store calls on the event loop (see the labeller API
     below). By default only for SQLite: pass False when several server processes share the file.
+    ``max_body_bytes``: larger request bodies are refused (413) before they are read.
+    ``trust_proxy``: addresses of reverse proxies whose ``X-Forwarded-Proto``/``-Host`` are
+    believed ("*": any client; only when the app is reachable through the proxy alone).
+    ``session_hours``: a browser session ends after this long unused. ``name``: this
+    deployment's name in the session cookie's name (default: from the database URL).
+    ``lease_seconds``: how long a reserved set stays held for its labeller (a bad value is a
+    :class:`UserError` here, before anything is served).
     """
+    if not session_hours > 0:
+        raise UserError(
+            f"the session lifetime must be more than 0 hours, got {session_hours!r}", "--session-hours"
+        )
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", name):
+        raise UserError(f"bad deployment name {name!r}", "--name", "use 1 to 40 letters, digits, '-' or '_'")
+    if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise UserError(
+            f"the request body limit must be at least 1 byte, got {max_body_bytes!r}", "--max-body-mb"
+        )
+    lease_seconds = store.check_lease(lease_seconds)
     engine = store.open_store(db_url)
     if inline_store is None:
         inline_store = engine.dialect.name == "sqlite"
-    app = FastAPI(
+    app = LabellingApp(
         title="alignloop labelling app",
         description="Humans rank (or thumb) model completions; every label is kept exactly once.",
-        docs_url="/docs",
+        docs_url=None,  # our own /docs below: Swagger UI from a package, under the app's CSP
         redoc_url=None,
     )
     app.state.db_url = db_url
     app.state.inline_store = inline_store
-    app.add_middleware(SecurityHeaders)
+    app.state.max_body_bytes = max_body_bytes
+    session_hours = float(session_hours)
+    app.state.trust_proxy = frozenset(trust_proxy)
+    app.state.session_hours = session_hours
+    app.state.cookie_name = "alignloop-" + (
+        name or hashlib.sha256(store.normalise_url(db_url).encode()).hexdigest()[:10]
+    )
+    app.state.lease_seconds = lease_seconds
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    swagger = swagger_ui_assets()
+    app.state.api_docs = swagger is not None
+    if swagger is not None:
+        app.mount("/docs/assets", StaticFiles(directory=swagger), name="swagger-ui")
+
+        @app.get("/docs", include_in_schema=False)
+        def api_docs() -> Response:
+            """Swagger UI for /openapi.json, served by the app itself (no CDN, no inline script)."""
+            return render("docs.html", me=None)
+
     db = db_url
 
     @app.exception_handler(Rejected)
@@ -324,9 +479,16 @@ def create_app(db_url: str, *, inline_store: bool | None = None) -> FastAPI:
         return {"acknowledged": True}
 
     @app.get("/api/next", responses=ERRORS, tags=["labeller"])
+    async def api_open(me: Labeller) -> NextOut:
+        """The labeller's open set, or null: reads only (``POST /api/next`` reserves a new set)."""
+        a, progress = await call(store.next_with_progress, db, me.id, False)
+        return NextOut.model_validate({"assignment": a, "progress": progress})
+
+    @app.post("/api/next", responses=ERRORS, tags=["labeller"])
     async def api_next(me: Labeller) -> NextOut:
-        """The labeller's open set, or a new one (the least-labelled set they have not done)."""
-        a, progress = await call(store.next_with_progress, db, me.id)
+        """The labeller's open set, or a newly reserved one (the least-labelled set they have not
+        done); null when none is left for them."""
+        a, progress = await call(store.next_with_progress, db, me.id, True, lease_seconds)
         return NextOut.model_validate({"assignment": a, "progress": progress})
 
     @app.get("/api/assignments/{assignment_id}", responses=ERRORS, tags=["labeller"])
@@ -382,14 +544,20 @@ def create_app(db_url: str, *, inline_store: bool | None = None) -> FastAPI:
         return store.project_progress(db, project)
 
     @app.post("/api/admin/labellers", responses=ERRORS, tags=["admin"])
-    def api_invite(body: InviteBody, me: Admin, request: Request) -> dict[str, Any]:
-        """Create a labeller; the answer holds their login link (shown once)."""
-        return store.invite(db, body.name, body.project, base_url=_base(request), new_link=body.new_link)
+    def api_invite(body: InviteBody, me: Admin, request: Request) -> JSONResponse:
+        """Create a labeller; the answer holds their login link (shown once, never cached)."""
+        made = store.invite(db, body.name, body.project, base_url=_base(request), new_link=body.new_link)
+        return JSONResponse(made, headers=NO_STORE)
 
     @app.post("/api/admin/labellers/{name}/revoke", responses=ERRORS, tags=["admin"])
     def api_revoke(name: str, me: Admin) -> dict[str, Any]:
-        store.revoke(db, name)
-        return {"revoked": name}
+        """Revoke a labeller's login; their open assignments are released at once."""
+        return {"revoked": name, **store.revoke(db, name)}
+
+    @app.post("/api/admin/release", responses=ERRORS, tags=["admin"])
+    def api_release(body: ReleaseBody, me: Admin) -> dict[str, Any]:
+        """Free the open assignments of a set or of a labeller: their slots go back to the pool."""
+        return store.release(db, set_id=body.set_id, labeller=body.labeller, project=body.project)
 
     @app.get("/api/admin/report", responses=ERRORS, tags=["admin"])
     def api_report(me: Admin, project: str | None = None) -> dict[str, Any]:
@@ -404,35 +572,69 @@ def create_app(db_url: str, *, inline_store: bool | None = None) -> FastAPI:
         sets, rankings, _ = store.load_labels(db, project)
         rows = rankings if kind == "rankings" else sets
         body = "".join(json.dumps(r.model_dump(mode="json", exclude_none=True)) + "\n" for r in rows)
-        name = f"{project or 'all'}-{kind}.jsonl"
         return Response(
             body,
             media_type="application/x-ndjson",
-            headers={"content-disposition": f'attachment; filename="{name}"'},
+            headers={"content-disposition": attachment(f"{project or 'all'}-{kind}.jsonl")},
         )
 
     # -- pages -----------------------------------------------------------------------------------
 
+    # Login: the link's GET only shows a confirmation page (a foreign page that sends the
+    # browser to someone's link changes nothing); its same-origin POST, carrying the nonce the
+    # page set in a SameSite=Strict cookie, exchanges the link's token for a server-side session.
+
     @app.get("/login", include_in_schema=False)
-    def login(request: Request, token: str = "") -> Response:
+    def login_page(request: Request, token: str = "") -> Response:
         p = store.authenticate(db, token)
         if p is None:
             return page_error(401, "This login link is not valid (or was revoked).", "Ask for a new link.")
-        resp = RedirectResponse("/", status_code=303)
-        resp.set_cookie(
-            COOKIE,
-            token,
-            httponly=True,
-            samesite="lax",
-            secure=request.url.scheme == "https",
-            max_age=90 * 86400,
+        current = store.session(db, request.cookies.get(cookie_name(request)))
+        nonce = secrets.token_urlsafe(24)
+        resp = render(
+            "login.html",
+            me=None,
+            title="Log in",
+            login_name=p.name,
+            kind=p.kind,
+            token=token,
+            nonce=nonce,
+            current=current.principal.name if current is not None else None,
         )
+        resp.headers.update(NO_STORE)
+        resp.headers.append("set-cookie", _login_nonce_cookie(request, nonce, 600))
+        return resp
+
+    @app.post("/login", include_in_schema=False)
+    def login(
+        request: Request, token: Annotated[str, Form()] = "", nonce: Annotated[str, Form()] = ""
+    ) -> Response:
+        expected = request.cookies.get(_login_nonce_name(request)) or ""
+        if not (nonce and expected and hmac.compare_digest(nonce, expected) and _same_origin(request, True)):
+            return page_error(
+                403,
+                "Login refused: it did not come from this site's login page.",
+                "Open your login link again.",
+            )
+        made = store.start_session(db, token, session_hours)
+        if made is None:
+            return page_error(401, "This login link is not valid (or was revoked).", "Ask for a new link.")
+        old = store.session(db, request.cookies.get(cookie_name(request)))
+        if old is not None:  # one login per browser: the previous session ends
+            store.end_session(db, old.family)
+        resp = RedirectResponse("/", status_code=303)
+        resp.headers.update(NO_STORE)
+        resp.headers.append("set-cookie", session_cookie(request, made["secret"], session_hours * 3600))
+        resp.headers.append("set-cookie", _login_nonce_cookie(request, "", 0))
         return resp
 
     @app.post("/logout", include_in_schema=False)
-    def logout(me: Annotated[Principal, Depends(who)]) -> Response:
+    def logout(request: Request, me: Annotated[Principal, Depends(who)]) -> Response:
+        live = getattr(request.state, "session", None)
+        if live is not None:
+            store.end_session(db, live.family)  # unusable everywhere, not only in this browser
         resp = render("message.html", title="Logged out", message="You are logged out.", fix="", me=None)
-        resp.delete_cookie(COOKIE)
+        resp.headers.append("set-cookie", session_cookie(request, "", 0))
         return resp
 
     @app.get("/", include_in_schema=False)
@@ -447,21 +649,31 @@ def create_app(db_url: str, *, inline_store: bool | None = None) -> FastAPI:
         return render(
             "instructions.html",
             me=me,
-            csrf=csrf_token(_token(request)[0] or ""),
+            csrf=_csrf(request),
             project=project,
             body=markdown(project["instructions"]),
         )
 
+    # Pages never reserve a set on GET (a prefetch or a foreign link must change nothing): GET
+    # /label shows the open set or a "Next set" button; the POSTs (acknowledge, next, skip, and
+    # the page's submit) reserve the next set.
+
     @app.post("/instructions", include_in_schema=False)
     def acknowledge(me: Labeller) -> Response:
         store.acknowledge(db, me.id)
+        store.next_assignment(db, me.id, lease_seconds)
         return RedirectResponse("/label", status_code=303)
 
     @app.get("/label", include_in_schema=False)
-    def label_next(request: Request, me: Labeller) -> Response:
+    def label_open(request: Request, me: Labeller) -> Response:
         if not me.acknowledged:
             return RedirectResponse("/instructions", status_code=303)
-        return _label_page(request, me, store.next_assignment(db, me.id))
+        return _label_page(request, me, store.next_with_progress(db, me.id, reserve=False)[0])
+
+    @app.post("/label/next", include_in_schema=False)
+    def label_next(me: Labeller) -> Response:
+        store.next_assignment(db, me.id, lease_seconds)
+        return RedirectResponse("/label", status_code=303)
 
     @app.get("/label/{assignment_id}", include_in_schema=False)
     def label_one(request: Request, assignment_id: AssignmentId, me: Labeller) -> Response:
@@ -470,6 +682,7 @@ def create_app(db_url: str, *, inline_store: bool | None = None) -> FastAPI:
     @app.post("/label/{assignment_id}/skip", include_in_schema=False)
     def skip_form(assignment_id: AssignmentId, me: Labeller, reason: Annotated[str, Form()] = "") -> Response:
         store.skip(db, me.id, assignment_id, reason)
+        store.next_assignment(db, me.id, lease_seconds)
         return RedirectResponse("/label", status_code=303)
 
     def _label_page(request: Request, me: Principal, a: dict[str, Any] | None) -> Response:
@@ -477,7 +690,7 @@ def create_app(db_url: str, *, inline_store: bool | None = None) -> FastAPI:
         return render(
             "label.html",
             me=me,
-            csrf=csrf_token(_token(request)[0] or ""),
+            csrf=_csrf(request),
             project=project,
             a=a,
             progress=store.labeller_progress(db, me.id),
@@ -492,14 +705,24 @@ def create_app(db_url: str, *, inline_store: bool | None = None) -> FastAPI:
         request: Request, me: Admin, name: Annotated[str, Form()] = "", project: Annotated[str, Form()] = ""
     ) -> Response:
         made = store.invite(db, name, project or None, base_url=_base(request))
-        return _admin_page(request, me, project or None, invited=made)
+        page = _admin_page(request, me, project or None, invited=made)
+        page.headers.update(NO_STORE)
+        return page
 
     @app.post("/admin/revoke", include_in_schema=False)
     def admin_revoke(
         request: Request, me: Admin, name: Annotated[str, Form()] = "", project: Annotated[str, Form()] = ""
     ) -> Response:
-        store.revoke(db, name)
-        return _admin_page(request, me, project or None, notice=f"Revoked {name}'s login link.")
+        freed = store.revoke(db, name)["released"]
+        notice = f"Revoked {name}'s login link" + (f"; {freed} held set(s) released." if freed else ".")
+        return _admin_page(request, me, project or None, notice=notice)
+
+    @app.post("/admin/release", include_in_schema=False)
+    def admin_release(
+        request: Request, me: Admin, set_id: Annotated[str, Form()] = "", project: Annotated[str, Form()] = ""
+    ) -> Response:
+        freed = store.release(db, set_id=set_id, project=project or None)["released"]
+        return _admin_page(request, me, project or None, notice=f"Released {freed} hold(s) on set {set_id}.")
 
     def _admin_page(request: Request, me: Principal, project: str | None, **extra: Any) -> Response:
         projects = store.list_projects(db)
@@ -513,7 +736,7 @@ def create_app(db_url: str, *, inline_store: bool | None = None) -> FastAPI:
         return render(
             "admin.html",
             me=me,
-            csrf=csrf_token(_token(request)[0] or ""),
+            csrf=_csrf(request),
             projects=projects,
             prog=prog,
             report=report,
@@ -525,14 +748,58 @@ def create_app(db_url: str, *, inline_store: bool | None = None) -> FastAPI:
 
 
 def app_from_environment() -> FastAPI:
-    """The app on ``$ALIGNLOOP_LABEL_DB``: what each ``label serve --workers N`` process runs."""
+    """The app on ``$ALIGNLOOP_LABEL_DB`` with the ``create_app`` settings in
+    ``$ALIGNLOOP_LABEL_SETTINGS`` (JSON): what each ``label serve --workers N`` process runs."""
     import os
 
-    return create_app(os.environ["ALIGNLOOP_LABEL_DB"], inline_store=False)
+    settings = json.loads(os.environ.get("ALIGNLOOP_LABEL_SETTINGS", "{}"))
+    return create_app(os.environ["ALIGNLOOP_LABEL_DB"], inline_store=False, **settings)
+
+
+NO_STORE = {"cache-control": "no-store"}  # answers holding a login link or token
+
+
+def attachment(filename: str) -> str:
+    """A ``Content-Disposition`` for a download named ``filename`` (RFC 6266 with RFC 5987).
+
+    The exact name, UTF-8 and percent-encoded, goes in ``filename*``; ``filename`` carries an
+    ASCII stand-in (other characters, quotes and backslashes as ``_``) for old clients. Control
+    characters (CR/LF could split the header) and path separators become ``_`` in both.
+    """
+    import unicodedata
+    from urllib.parse import quote
+
+    name = "".join("_" if unicodedata.category(c).startswith("C") or c in "/\\" else c for c in filename)
+    ascii_name = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+def swagger_ui_assets() -> FilePath | None:
+    """The folder of Swagger UI's files that the ``fastapi-offline`` package ships (its
+    ``swagger-ui-bundle.js`` and ``swagger-ui.css``), or None when it is not installed: then
+    there is no ``/docs`` page and the admin pages do not link to one."""
+    try:
+        import fastapi_offline
+    except ImportError:
+        return None
+    folder = FilePath(fastapi_offline.__file__).parent / "static"
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
 
 
 def _base(request: Request) -> str:
-    return str(request.base_url).rstrip("/")
+    """The app's address for login links: its public origin (behind a trusted proxy, the proxy's)."""
+    return public_origin(request) + request.scope.get("root_path", "")
+
+
+def _login_nonce_name(request: Request) -> str:
+    return cookie_name(request) + "-login"
+
+
+def _login_nonce_cookie(request: Request, nonce: str, max_age: float) -> str:
+    # SameSite=Strict: only a request from this site's own page carries it back
+    return session_cookie(request, nonce, max_age, _login_nonce_name(request)).replace(
+        "SameSite=Lax", "SameSite=Strict"
+    )
 
 
 def agreement(db_url: str, project: str | None) -> dict[str, Any]:
@@ -547,8 +814,80 @@ def agreement(db_url: str, project: str | None) -> dict[str, Any]:
     return {"available": True, **feedback_report(sets, rankings)}
 
 
+class LabellingApp(FastAPI):
+    """FastAPI with two ASGI layers outside Starlette's error handler, so that they hold for every
+    answer, a 500 included: the security headers (outermost), then the request body limit."""
+
+    def build_middleware_stack(self) -> Any:
+        return SecurityHeaders(BodyLimit(super().build_middleware_stack(), self.state.max_body_bytes))
+
+
+class BodyLimit:
+    """ASGI middleware refusing request bodies over ``max_bytes`` with 413, before anything reads them.
+
+    A declared ``Content-Length`` over the limit is refused at once: the app (routing, body
+    parsing, authentication) is never called and the body is never read. A body without one
+    (chunked) is counted as it streams in; the read that passes the limit raises a 413 that the
+    app answers (the part already read is dropped). Either way no large body is ever parsed, so
+    one upload cannot hold the event loop.
+    """
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await too_large(self.max_bytes)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    from starlette.exceptions import HTTPException
+
+                    # Connection: close, or the server would read (and drop) the rest of the body
+                    raise HTTPException(413, _too_large_line(self.max_bytes), headers={"connection": "close"})
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _content_length(scope: Any) -> int | None:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _too_large_line(max_bytes: int) -> str:
+    return (
+        f"request body larger than the server's limit of {max_bytes} bytes: send less "
+        "(the admin sets the limit with 'label serve --max-body-mb')"
+    )
+
+
+def too_large(max_bytes: int) -> Response:
+    # Connection: close: the unread body is never read, so the connection cannot be reused
+    return JSONResponse(
+        {"detail": _too_large_line(max_bytes)}, status_code=413, headers={"connection": "close"}
+    )
+
+
 class SecurityHeaders:
-    """ASGI middleware adding the security headers (CSP, nosniff, no referrer, no framing)."""
+    """ASGI middleware adding the security headers (CSP, nosniff, no referrer, no framing) to
+    every answer, and the new cookie of a session rotated while answering."""
 
     def __init__(self, app: Any):
         self.app = app
@@ -562,6 +901,9 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + SECURITY_HEADERS
+                cookie = scope.get("state", {}).get("set_cookie")  # a rotated session (see who)
+                if cookie:
+                    message["headers"].append((b"set-cookie", cookie.encode("latin-1")))
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

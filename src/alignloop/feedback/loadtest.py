@@ -3,7 +3,7 @@
 Each simulated labeller is one keep-alive HTTP/1.1 connection (plain asyncio streams: a full
 HTTP client costs more CPU than the server it is measuring) that loops::
 
-    GET  /api/next                        -> an assignment, or none left: stop
+    POST /api/next                        -> an assignment, or none left: stop
     POST /api/assignments/{id}/submit     {"submission_id": <made here>, "ranks": ...}
 
 A request that fails on the network (the server was killed, the connection dropped) is retried
@@ -128,7 +128,7 @@ async def _labeller(
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
                 due = max(due + interval, time.monotonic())
             t0 = time.perf_counter()
-            got = await call("GET", "/api/next")
+            got = await call("POST", "/api/next")
             if got is None:
                 break
             status, data = got
@@ -169,7 +169,10 @@ async def _labeller(
                 out["acked"].append({"submission_id": sid, "labeller": name, "set_id": a["set_id"], **answer})
                 n += 1
             else:
-                out["refused"].append({"path": path, "status": status, "detail": data[:300].decode()})
+                detail = data[:300].decode()
+                out["refused"].append(
+                    {"path": path, "status": status, "detail": detail, "submission_id": sid}
+                )
     finally:
         await conn.close()
 
@@ -241,15 +244,84 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(db_url: str, port: int, workers: int = 1, timeout: float = 60.0) -> subprocess.Popen:
+def _status(sock: socket.socket) -> tuple[int, bytes]:
+    """Read until the end of an HTTP response head: (status code, the raw head)."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        head += chunk
+    return int(head.split(b" ", 2)[1]), head
+
+
+def oversized_upload(
+    port: int, method: str, path: str, size: int, token: str | None = None, chunked: bool = False
+) -> dict[str, Any]:
+    """Send ``method path`` to 127.0.0.1:``port`` with a ``size``-byte JSON body, as fast as the
+    server takes it, until the server answers (the body-limit tests and benchmark).
+
+    The body is declared with ``Content-Length`` or sent chunked without one. Returns
+    ``{"status", "head", "seconds" (from the end of the request head to the status line),
+    "sent" (body bytes the client got into the socket by then)}``.
+    """
+    import threading
+
+    sock = socket.create_connection(("127.0.0.1", port))
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+    if token:
+        head += f"Authorization: Bearer {token}\r\n"
+    head += "Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {size}\r\n"
+    sock.sendall((head + "\r\n").encode())
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {"sent": 0}
+
+    def read() -> None:
+        try:
+            out["status"], out["head"] = _status(sock)
+            out["seconds"] = time.perf_counter() - t0
+        except (OSError, IndexError, ValueError):  # closed without an answer
+            out["status"], out["head"], out["seconds"] = None, b"", None
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    block = b"[" + b"1," * 32767 + b"1]"  # 64 KiB of a JSON list
+    piece = (f"{len(block):x}\r\n".encode() + block + b"\r\n") if chunked else block
+    sock.settimeout(0.2)
+    while reader.is_alive() and out["sent"] < size:
+        try:
+            sock.sendall(piece)
+            out["sent"] += len(block)
+        except OSError:  # the server stopped reading (answered and closed), or a timeout
+            break
+    reader.join(timeout=60)
+    sock.close()
+    return out
+
+
+def healthz_seconds(port: int) -> float:
+    """Seconds for one ``GET /healthz`` on a new connection to 127.0.0.1:``port``."""
+    t0 = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+        code, _ = _status(s)
+    if code != 200:
+        raise RuntimeError(f"/healthz answered {code}")
+    return time.perf_counter() - t0
+
+
+def start_server(
+    db_url: str, port: int, workers: int = 1, timeout: float = 60.0, extra: list[str] | None = None
+) -> subprocess.Popen:
     """Start ``alignloop label serve`` on 127.0.0.1:``port`` and wait until it answers /healthz.
 
     The server gets its own process group, so :func:`stop_server` (or ``kill -9``) reaches
-    every worker process.
+    every worker process. ``extra``: more ``label serve`` options.
     """
     proc = subprocess.Popen(
         [sys.executable, "-m", "alignloop", "label", "serve", "--db", db_url, "--port", str(port)]
-        + (["--workers", str(workers)] if workers != 1 else []),
+        + (["--workers", str(workers)] if workers != 1 else [])
+        + (extra or []),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,

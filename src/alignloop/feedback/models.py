@@ -1,9 +1,9 @@
 """The labelling store's tables (SQLAlchemy 2). Alembic migrations in ``migrations/`` create them.
 
 One project holds completion sets; each set has K completions; a labeller works in one
-project; an assignment reserves one set for one labeller (at most ``per_set`` per set); a
-label is one submitted ranking (or thumbs), unique per assignment and per client-made
-submission id, so a retried or double-clicked submission is stored once.
+project; an assignment reserves one set for one labeller (at most ``per_set`` per set) until its
+lease expires; a label is one submitted ranking (or thumbs), unique per assignment and per
+client-made submission id, so a retried or double-clicked submission is stored once.
 """
 
 from __future__ import annotations
@@ -96,14 +96,19 @@ class Assignment(Base):
     __table_args__ = (
         UniqueConstraint("set_pk", "labeller_id", name="uq_assignments_set_labeller"),
         Index("ix_assignments_labeller_status", "labeller_id", "status"),
+        Index("ix_assignments_status_expiry", "status", "expires_at"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     set_pk: Mapped[int] = mapped_column(ForeignKey("sets.id"))
     labeller_id: Mapped[int] = mapped_column(ForeignKey("labellers.id"))
-    status: Mapped[str] = mapped_column(String(10))  # "open" | "done" | "skipped"
-    skip_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # "open" | "done" | "skipped" | "released" (the lease expired, the labeller was revoked, or an
+    # admin released it: the slot went back to the pool; a late submission is still taken if the
+    # set has room)
+    status: Mapped[str] = mapped_column(String(10))
+    skip_reason: Mapped[str | None] = mapped_column(Text, nullable=True)  # why skipped or released
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)  # the lease
 
 
 class Label(Base):
@@ -117,3 +122,23 @@ class Label(Base):
     thumbs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # {cid: "up" | "down"}
     has_tie: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class BrowserSession(Base):
+    """A browser's login: made when a login link is exchanged (by POST), never the link itself.
+
+    The cookie holds a random secret; only its sha256 is stored. A session belongs to one
+    labeller or one admin, expires at ``expires_at``, and is replaced by a fresh one (same
+    ``family``) as it is used; logout ends the family, revoking a login ends all of its
+    sessions. ``csrf`` is the family's CSRF token (it survives rotation, so open pages keep working).
+    """
+
+    __tablename__ = "sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    family: Mapped[str] = mapped_column(String(64), index=True)
+    labeller_id: Mapped[int | None] = mapped_column(ForeignKey("labellers.id"), nullable=True, index=True)
+    admin_id: Mapped[int | None] = mapped_column(ForeignKey("admins.id"), nullable=True, index=True)
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -168,6 +168,8 @@ def bradley_terry(
     """
     idx = {c: i for i, c in enumerate(items)}
     k = len(items)
+    if k == 0:  # every completion was dropped (marked F): nothing to rank
+        return {}
     wins = np.zeros((k, k))  # wins[i, j] = times i beat j (ties as halves)
     for pv in table.values():
         i, j = idx[pv.a], idx[pv.b]

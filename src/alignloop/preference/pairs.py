@@ -82,7 +82,7 @@ def votes(rankings: list[Ranking]) -> list[Vote]:
 
 
 def ranking_to_pairs(
-    ranks: dict[str, int | str], *, soft_ties: bool = False, keep_failed: bool = False
+    ranks: dict[str, int | str], *, soft_ties: bool = False, keep_failed: bool = True
 ) -> list[tuple[str, str, float]]:
     """All N-choose-2 pairs of one ranking, preferred completion first.
 
@@ -90,7 +90,7 @@ def ranking_to_pairs(
         ranks: ``{completion_id: rank | "F"}``, 1 = best, equal ranks = tie.
         soft_ties: a tie gives a ``0.5`` pair instead of nothing.
         keep_failed: an F completion is kept as the loser to every ranked completion
-            (two F completions give nothing); by default F completions are dropped.
+            (two F completions give nothing; the default); ``False`` drops F completions.
 
     Returns:
         ``[(chosen_id, rejected_id, label)]``: label 1.0 means chosen is preferred (the notes'
@@ -120,7 +120,7 @@ def thumbs_to_pairs(thumbs: dict[str, str], *, soft_ties: bool = False) -> list[
 
 
 def labeller_pairs(
-    ranking: Ranking, *, soft_ties: bool = False, keep_failed: bool = False
+    ranking: Ranking, *, soft_ties: bool = False, keep_failed: bool = True
 ) -> list[tuple[str, str, float]]:
     """:func:`ranking_to_pairs` or :func:`thumbs_to_pairs`, whichever mode the ranking is in."""
     if ranking.thumbs:

@@ -3,18 +3,20 @@
 :func:`feedback_report` returns a JSON-able dict (the labelling app's admin page calls it);
 :func:`report_html` renders it as a self-contained HTML page with a plot of agreement per
 labeller; :func:`write_report` writes ``report.json``, ``report.html`` and ``agreement.png``.
+The page follows the reports' shared rules (:mod:`alignloop.pages`): a Content-Security-Policy,
+every name escaped, plot text never parsed as markup, long names cut in the plot only.
 """
 
 from __future__ import annotations
 
 import base64
-import html
-import io
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from alignloop.pages import esc, figure, html_page, plain_text, plot_label
+from alignloop.pages import png as png_bytes
 from alignloop.preference.agreement import (
     FlagRule,
     Level,
@@ -97,29 +99,31 @@ def feedback_report(
     }
 
 
+@plain_text
 def agreement_plot_png(report: dict[str, Any]) -> bytes:
     """A bar chart of each labeller's leave-one-out tau-b (flagged ones in red), as PNG bytes."""
-    import matplotlib
+    return png_bytes(agreement_figure(report))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+@plain_text
+def agreement_figure(report: dict[str, Any]) -> Any:
+    """:func:`agreement_plot_png`'s figure: one horizontal bar a labeller, names (cut to 32
+    characters) down the side, so that any number of names of any length never overlap."""
     rows = report["labellers"]
-    names = [r["name"] for r in rows]
+    names = [plot_label(r["name"], 32) for r in rows]
     vals = [r["tau_b"] if r["tau_b"] is not None else 0.0 for r in rows]
     colors = ["#c0392b" if r["flagged"] else "#2e86c1" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(rows) + 2), 3.2), dpi=100)
-    ax.bar(range(len(rows)), vals, color=colors)
-    ax.set_xticks(range(len(rows)), names, rotation=30 if len(rows) > 6 else 0, ha="right")
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_ylim(-1, 1)
-    ax.set_ylabel("Kendall tau-b vs others")
+    fig = figure(7.0, 1.2 + 0.3 * max(len(rows), 3))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.barh(range(len(rows)), vals, color=colors)
+    ax.set_yticks(range(len(rows)), names, fontsize=8)
+    ax.invert_yaxis()  # first name on top, as in the table
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlim(-1, 1)
+    ax.set_xlabel("Kendall tau-b vs others")
     ax.set_title("Agreement per labeller (leave-one-out; red = flagged)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return fig
 
 
 def _fmt(x: Any, pct: bool = False) -> str:
@@ -127,7 +131,16 @@ def _fmt(x: Any, pct: bool = False) -> str:
         return "&ndash;"
     if pct:
         return f"{100 * x:.1f}%"
-    return f"{x:.3f}" if isinstance(x, float) else html.escape(str(x))
+    return f"{x:.3f}" if isinstance(x, float) else esc(x)
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem; max-width: 60rem; color: #222; }
+table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: .3rem .6rem; }
+td:first-child { overflow-wrap: anywhere; } img { max-width: 100%; }
+table { display: block; max-width: 100%; overflow-x: auto; }
+tr.flagged { background: #fdecea; } .big { font-size: 1.4rem; }
+"""
 
 
 def report_html(report: dict[str, Any], png: bytes | None = None) -> str:
@@ -140,26 +153,19 @@ def report_html(report: dict[str, Any], png: bytes | None = None) -> str:
         "<tr{cls}><td>{name}</td><td>{n}</td><td>{tau}</td><td>{pairs}</td><td>{tie}</td><td>{f}</td>"
         "<td>{reason}</td></tr>".format(
             cls=' class="flagged"' if r["flagged"] else "",
-            name=html.escape(r["name"]),
+            name=esc(r["name"]),
             n=r["n_labelled"],
             tau=_fmt(r["tau_b"]),
             pairs=r["pairs"],
             tie=_fmt(r["tie_rate"], pct=True),
             f=_fmt(r["f_rate"], pct=True),
-            reason=html.escape(r["reason"] or ""),
+            reason=esc(r["reason"] or ""),
         )
         for r in report["labellers"]
     )
-    flagged = ", ".join(html.escape(f["name"]) for f in report["flagged"]) or "none"
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>alignloop feedback report</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2rem; max-width: 60rem; color: #222; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: .3rem .6rem; }}
-tr.flagged {{ background: #fdecea; }} .big {{ font-size: 1.4rem; }}
-</style></head><body>
-<h1>Feedback report</h1>
-<p class="big">Krippendorff's alpha ({html.escape(str(a["level"]))}, over pairwise outcomes):
+    flagged = ", ".join(esc(f["name"]) for f in report["flagged"]) or "none"
+    body = f"""<h1>Feedback report</h1>
+<p class="big">Krippendorff's alpha ({esc(a["level"])}, over pairwise outcomes):
 <b id="alpha">{_fmt(a["value"])}</b> on {a.get("units", 0)} pairs judged by two or more labellers.</p>
 <p>{report["n_rankings"]} rankings of {report["n_sets_labelled"]} sets
 ({report["n_sets_multi"]} labelled by two or more people; {report["n_sets"]} sets in the project).</p>
@@ -170,11 +176,10 @@ tr.flagged {{ background: #fdecea; }} .big {{ font-size: 1.4rem; }}
 <tbody>
 {rows}
 </tbody></table>
-<p><small>Rule: {html.escape(report["rule"])}. Tau-b compares each labeller's ranking with the mean rank
+<p><small>Rule: {esc(report["rule"])}. Tau-b compares each labeller's ranking with the mean rank
 the other labellers gave the same set (F counts as the lowest rank); alpha 1 = perfect agreement,
-0 = chance. Rules of thumb: alpha &ge; 0.8 reliable, &ge; 0.667 tentative.</small></p>
-</body></html>
-"""
+0 = chance. Rules of thumb: alpha &ge; 0.8 reliable, &ge; 0.667 tentative.</small></p>"""
+    return html_page("alignloop feedback report", STYLE, body)
 
 
 def write_report(report: dict[str, Any], out: str | Path) -> dict[str, Path]:

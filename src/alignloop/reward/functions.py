@@ -9,13 +9,19 @@ A SPEC is resolved by the first rule that matches (see docs/reward.md):
 
 1. ``http://...`` or ``https://...``: a remote reward server (``alignloop reward serve``).
    A URL with no path posts to ``/score``.
-2. ``world:gold``: the embedded world's gold judge (its scalar ``score``).
+2. ``world:gold``: the embedded world's gold judge (its scalar ``score``); ``world:gold:TASTE``
+   the gold view of a simulated labeller's taste (``world:gold:terse``,
+   :func:`alignloop.world.labellers.taste_score`).
    ``world:NAME:LABEL``: the world's shipped classifier NAME, reward = LABEL's logit
    (e.g. ``world:toxicity:nothate``).
 3. Explicit prefixes for when a name could be read two ways:
    ``py:pkg.module:function`` (a Python callable) and ``hf:ID`` / ``hf:ID:LABEL`` (a model).
 4. An existing local folder: a reward model with a scalar head (``num_labels == 1``), e.g.
-   the output of ``alignloop reward train``. A classifier folder needs ``:LABEL``.
+   the output of ``alignloop reward train``. A classifier folder needs ``:LABEL``. A folder with
+   an ``ensemble.json`` is an ensemble of reward models (:mod:`alignloop.reward.ensemble`): its
+   score is the members' mean; :func:`member_scores` gives each member's. A labeller-conditioned
+   reward model (``reward train --per-labeller``) scores with its pooled output as ``DIR`` and as
+   one labeller as ``DIR:NAME`` (an unknown NAME: one error naming the known labellers).
 5. ``LEFT:RIGHT`` (split at the last colon): LEFT an existing folder -> classifier + label;
    LEFT a dotted Python name of an importable module -> callable RIGHT in it;
    otherwise LEFT is a hub id and RIGHT its positive label
@@ -44,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from alignloop.errors import UserError
+from alignloop.records import full_text
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -98,17 +105,7 @@ def _check_scores(scores: Any, n: int, spec: str) -> list[float]:
     return out
 
 
-def join_prompt_completion(prompt: str, completion: str) -> str:
-    """The text a reward model reads: the prompt followed by the completion.
-
-    One space is put between them when neither side has whitespace at the junction, so
-    ``"Summary:" + "Tom ..."`` reads ``"Summary: Tom ..."`` (tokenizers see word boundaries);
-    a completion that already starts with a space (a causal model's continuation) is kept
-    exactly as generated.
-    """
-    if prompt and completion and not prompt[-1].isspace() and not completion[0].isspace():
-        return prompt + " " + completion
-    return prompt + completion
+join_prompt_completion = full_text  # the old name of records.full_text: exactly prompt + completion
 
 
 # ----------------------------------------------------------------------------- SPEC parsing
@@ -137,6 +134,8 @@ def parse_spec(spec: str, need_label: bool = True) -> ParsedSpec:
         rest = s[len("world:") :]
         if rest == "gold":
             return ParsedSpec("gold", "world:gold")
+        if rest.startswith("gold:"):
+            return ParsedSpec("gold", "world:gold", rest[len("gold:") :])
         name, _, label = rest.partition(":")
         if name not in _WORLD_MODELS:
             raise UserError(
@@ -161,7 +160,7 @@ def parse_spec(spec: str, need_label: bool = True) -> ParsedSpec:
             return ParsedSpec("classifier", left, right)
         return ParsedSpec("model", rest)
     if Path(s).is_dir():
-        return ParsedSpec("model", s)
+        return ParsedSpec("ensemble" if (Path(s) / "ensemble.json").is_file() else "model", s)
     left, sep, right = s.rpartition(":")
     if sep and left and right:
         if Path(left).is_dir():
@@ -207,11 +206,18 @@ def load_reward(spec: str, device: str | None = None, batch_size: int = 32) -> R
     if parsed.kind == "http":
         return _http_reward(spec, parsed.target)
     if parsed.kind == "gold":
-        return _gold_reward(spec)
+        return _gold_reward(spec, parsed.label)
     if parsed.kind == "python":
         return _python_reward(spec, parsed.target, parsed.label or "")
+    if parsed.kind == "ensemble":
+        return _ensemble_reward(spec, parsed.target, device, batch_size)
     model, tok = load_sequence_classifier(parsed.target, device)
     labels = _labels(model)
+    if conditioned_labellers(model):  # DIR: the pooled output; DIR:NAME: labeller NAME's (issue 28)
+        index = labeller_index(model, parsed.label, parsed.target) if parsed.kind == "classifier" else 0
+        r = _model_reward(spec, model, tok, index=index, with_prompt=True, batch_size=batch_size)
+        r.label = parsed.label if parsed.kind == "classifier" else None
+        return r
     if parsed.kind == "model":
         if model.config.num_labels != 1:
             raise UserError(
@@ -223,6 +229,48 @@ def load_reward(spec: str, device: str | None = None, batch_size: int = 32) -> R
     r = _model_reward(spec, model, tok, index=index, with_prompt=False, batch_size=batch_size)
     r.kind, r.label = "classifier", parsed.label
     return r
+
+
+def _ensemble_reward(spec: str, folder: str, device: str | None, batch_size: int) -> Reward:
+    from alignloop.reward.ensemble import ensemble_stats, member_folders
+
+    members = []
+    for f in member_folders(folder) or []:  # each a scalar reward model (a member may be the folder itself)
+        model, tok = load_sequence_classifier(str(f), device)
+        if model.config.num_labels != 1:
+            raise UserError(f"ensemble member {f} is not a scalar reward model")
+        members.append(_model_reward(str(f), model, tok, index=0, with_prompt=True, batch_size=batch_size))
+
+    def fn(prompts: list[str], completions: list[str]) -> list[float]:
+        return ensemble_stats([m(prompts, completions) for m in members])[0]
+
+    return Reward(spec, "ensemble", fn, info={"members": members})
+
+
+def member_scores(reward: Reward, prompts: Sequence[str], completions: Sequence[str]) -> list[list[float]]:
+    """Each member's scores ``[k][n]`` of an ensemble reward (``[1][n]`` for any other reward)."""
+    members = reward.info.get("members") if reward.kind == "ensemble" else None
+    return [m(prompts, completions) for m in members] if members else [reward(prompts, completions)]
+
+
+def conservative(reward: Reward, mode: str, lam: float = 1.0) -> Reward:
+    """``reward`` scored by :func:`alignloop.reward.ensemble.conservative_reward` (``mean``: unchanged).
+
+    ``mean_std``: members' mean - ``lam`` * their std; ``min``: the worst member. A reward that is
+    not an ensemble of at least two members cannot be conservative: UserError.
+    """
+    from alignloop.reward.ensemble import conservative_reward
+
+    if mode == "mean":
+        conservative_reward([[0.0]], mode, lam)  # checks lam
+        return reward
+    k = len(reward.info.get("members") or []) if reward.kind == "ensemble" else 1
+    conservative_reward([[0.0]] * k, mode, lam)  # one clear error for k < 2 or lam < 0, before any run
+
+    def fn(prompts: list[str], completions: list[str]) -> list[float]:
+        return conservative_reward(member_scores(reward, prompts, completions), mode, lam)  # type: ignore[arg-type]
+
+    return Reward(f"{reward.spec} ({mode})", reward.kind, fn, info=reward.info)
 
 
 def label_index(model: Any, label: str, where: str = "") -> int:
@@ -294,10 +342,35 @@ def load_sequence_classifier(model_id: str, device: str | None = None) -> tuple[
     return model, tok
 
 
-def reward_offset(model: Any) -> float:
-    """The offset ``alignloop reward train`` stores when the head has no bias to fold it into."""
+def reward_offset(model: Any, index: int = 0) -> float:
+    """The offset ``alignloop reward train`` stores when the head has no bias to fold it into
+    (a labeller-conditioned model: one per output, ``offsets[index]``)."""
     meta = getattr(model.config, "alignloop_reward", None) or {}
+    if meta.get("offsets"):
+        return float(meta["offsets"][index])
     return float(meta.get("offset", 0.0))
+
+
+def conditioned_labellers(model: Any) -> list[str]:
+    """The labellers of a labeller-conditioned reward model (output ``1 + i`` is labeller ``i``'s);
+    ``[]`` for any other model."""
+    meta = getattr(model.config, "alignloop_reward", None) or {}
+    return list(meta.get("labellers") or [])
+
+
+def labeller_index(model: Any, labeller: str | None, where: str = "") -> int:
+    """The output that scores as ``labeller`` in a labeller-conditioned model: ``1 + position``.
+
+    An unknown labeller is one :class:`UserError` naming the known ones (nothing is scored).
+    """
+    names = conditioned_labellers(model)
+    if labeller in names:
+        return 1 + names.index(labeller)
+    raise UserError(
+        f"labeller {labeller!r} is not one this reward model was conditioned on",
+        where or None,
+        f"target one of: {', '.join(names)} (DIR:NAME), or give DIR alone for the pooled reward",
+    )
 
 
 def encode_texts(model: Any, tok: Any, texts: list[str], max_length: int) -> list[list[int]]:
@@ -362,16 +435,21 @@ def model_max_length(model: Any, tok: Any) -> int:
 
 
 def _model_reward(spec: str, model: Any, tok: Any, index: int, with_prompt: bool, batch_size: int) -> Reward:
-    offset = reward_offset(model) if with_prompt else 0.0
+    offset = reward_offset(model, index) if with_prompt else 0.0
+    # a reward model trained with length_correction: score - slope * words of the completion
+    slope = float((getattr(model.config, "alignloop_reward", None) or {}).get("length_slope", 0.0))
 
     def fn(prompts: list[str], completions: list[str]) -> list[float]:
         texts = (
-            [join_prompt_completion(p, c) for p, c in zip(prompts, completions, strict=True)]
+            [full_text(p, c) for p, c in zip(prompts, completions, strict=True)]
             if with_prompt
             else completions
         )
         logits = score_texts(model, tok, texts, batch_size=batch_size)
-        return (logits[:, index] + offset).tolist()
+        scores = (logits[:, index] + offset).tolist()
+        if slope:
+            scores = [r - slope * len(c.split()) for r, c in zip(scores, completions, strict=True)]
+        return scores
 
     return Reward(spec, "model", fn, model=model, tokenizer=tok)
 
@@ -437,15 +515,23 @@ def _python_reward(spec: str, module_name: str, func_name: str) -> Reward:
     return Reward(spec, "python", fn)
 
 
-def _gold_reward(spec: str) -> Reward:
+def _gold_reward(spec: str, taste: str | None = None) -> Reward:
     try:
         from alignloop.world import judge_batch
+        from alignloop.world.labellers import TASTES, taste_score
     except ImportError:
         raise UserError(
             "world:gold needs the embedded world (alignloop.world), which is not installed"
         ) from None
+    if taste is not None and taste not in TASTES:
+        raise UserError(
+            f"unknown labeller taste {taste!r} in {spec!r}",
+            fix=f"use world:gold or world:gold:{'|'.join(sorted(TASTES))}",
+        )
 
     def fn(prompts: list[str], completions: list[str]) -> list[float]:
+        if taste is not None:
+            return [taste_score(taste, p, c) for p, c in zip(prompts, completions, strict=True)]
         return [j.score for j in judge_batch(prompts, completions)]
 
     return Reward(spec, "gold", fn)

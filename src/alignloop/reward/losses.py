@@ -15,6 +15,12 @@ must exceed ``m``::
 Grouped form (InstructGPT): the K completions of a prompt are forwarded once, giving ``K``
 rewards, and all its pairs index into them. The loss is the same number as the pair-by-pair
 form; only the forwards are fewer (``K`` instead of ``2 * K(K-1)/2``).
+
+Labeller-conditioned (``reward train --set per_labeller=true``): the model has ``H = 1 + L``
+outputs per completion, head 0 the pooled reward and head ``1 + l`` labeller ``l``'s, over one
+shared trunk. Each pair says which head scores it (``head``); a labeller's own pair is in the
+batch twice, once for the pooled head and once for theirs, so the loss is
+``mean over entries of -log sigmoid(r_h(x, y_c) - r_h(x, y_r))`` with one forward per completion.
 """
 
 from __future__ import annotations
@@ -49,24 +55,44 @@ def pairwise_loss(
     return -(label * F.logsigmoid(d) + (1 - label) * F.logsigmoid(-d)).mean()
 
 
+def pick(rewards: Tensor, index: Tensor, head: Tensor | None = None) -> Tensor:
+    """The rewards of the indexed completions under each pair's head.
+
+    ``rewards``: ``(N,)`` (one head) or ``(N, H)``; ``index``: ``(P,)`` long; ``head``: ``(P,)`` long,
+    the head scoring each pair (needed when ``rewards`` is ``(N, H)``). Returns ``(P,)``:
+    ``rewards[index[p]]`` or ``rewards[index[p], head[p]]``.
+    """
+    if rewards.dim() == 1:
+        return rewards[index]
+    if head is None:
+        raise ValueError("rewards of several heads need each pair's head")
+    return rewards[index, head]
+
+
 def grouped_pairwise_loss(
     rewards: Tensor,
     chosen_index: Tensor,
     rejected_index: Tensor,
     label: Tensor | None = None,
     margin: Tensor | None = None,
+    head: Tensor | None = None,
 ) -> Tensor:
     """The same loss from rewards computed once per completion.
 
     Args:
-        rewards: ``(N,)`` one reward per distinct completion in the batch (all groups).
+        rewards: ``(N,)`` one reward per distinct completion in the batch (all groups), or
+            ``(N, H)`` one per completion and head (a labeller-conditioned model).
         chosen_index, rejected_index: ``(P,)`` long indices into ``rewards``.
         label, margin: ``(P,)`` as in :func:`pairwise_loss`.
+        head: ``(P,)`` long, the head that scores each pair (with ``(N, H)`` rewards).
 
     Returns:
-        Scalar, equal to ``pairwise_loss(rewards[chosen_index], rewards[rejected_index], ...)``.
+        Scalar, equal to ``pairwise_loss(pick(rewards, chosen_index, head), pick(rewards,
+        rejected_index, head), ...)``.
     """
-    return pairwise_loss(rewards[chosen_index], rewards[rejected_index], label, margin)
+    return pairwise_loss(
+        pick(rewards, chosen_index, head), pick(rewards, rejected_index, head), label, margin
+    )
 
 
 def pair_accuracy(r_chosen: Tensor, r_rejected: Tensor, label: Tensor | None = None) -> tuple[float, int]:

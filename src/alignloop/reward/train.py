@@ -13,9 +13,17 @@ The algorithm, top to bottom (:func:`train_reward_model`):
 5. held-out accuracy every epoch, keep the best epoch, stop after ``patience`` epochs
    without improvement; an atomic, SHA-256-verified checkpoint every ``checkpoint_every`` steps
    and at the end of every epoch (``--resume`` continues from the newest intact one, exactly);
-6. shift (and optionally scale) the head so the reference completions' mean reward is 0;
+6. shift (and optionally scale) the head so the reference completions' mean reward is 0, in the
+   weights (the head's bias, or the final LayerNorm's for a bias-free head), so plain HF tools agree;
 7. save an HF folder (``config.json``, ``model.safetensors``, tokenizer) with the run's
    ``manifest.json``/``metrics.json``/``metrics.jsonl``: ``load_reward(out)`` reads it.
+
+Labeller-conditioned (``per_labeller=true``, issue 28): the head has ``1 + L`` outputs over the
+shared trunk, output 0 the pooled reward (every pair) and output ``1 + l`` labeller ``l``'s
+(only the pairs that labeller made; pairs name their labeller when exported with
+``--consensus none``). ``id2label`` holds ``["reward", *labellers]``; each output's mean shift
+is stored as ``alignloop_reward.offsets`` (step 6 cannot fold several into one bias).
+``load_reward("DIR")`` scores with the pooled output, ``load_reward("DIR:NAME")`` as NAME.
 """
 
 from __future__ import annotations
@@ -32,17 +40,27 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from alignloop.chat import use_chat_template
 from alignloop.checkpoints import newest_intact, verify_folder, write_folder, write_step
 from alignloop.config import Config
 from alignloop.distributed import (
     all_reduce_sum,
     barrier,
+    fsdp2,
+    full_optimizer_state,
+    full_state_dict,
+    is_sharded,
+    load_full_state,
     make_accelerator,
+    model_state_bytes,
+    prepare,
     rank_world,
     shard,
+    shard_model,
     trainable_state,
 )
 from alignloop.errors import UserError
+from alignloop.evaluation.metrics import gold_agreement, pearson, within_slope, word_length
 from alignloop.models import (
     LoraSettings,
     configure_threads,
@@ -52,11 +70,14 @@ from alignloop.models import (
     fuse_activations,
     load_tokenizer,
     lora_target_modules,
+    make_optimizer,
     resolve_model_id,
+    sorted_adapter_config,
 )
+from alignloop.records import full_text
 from alignloop.reward.data import Group, read_pairs, split_groups
-from alignloop.reward.functions import encode_texts, join_prompt_completion, model_max_length, pad_right
-from alignloop.reward.losses import grouped_pairwise_loss, pair_accuracy
+from alignloop.reward.functions import encode_texts, model_max_length, pad_right
+from alignloop.reward.losses import grouped_pairwise_loss, pair_accuracy, pick
 from alignloop.runs import progress, say, stage_guard, start_stage, write_json_atomic
 
 
@@ -80,12 +101,23 @@ class RewardTrainConfig(Config):
         "hard"  # hard: every pair sure, ties dropped; soft: "weight" = P(chosen better)
     )
     use_margin: bool = True  # subtract a pair's "margin" inside the sigmoid when it has one
+    # P(chosen better) a pair whose rejected was marked F trains with (export's "failed": true): below 1
+    # the loss of these easy pairs stops pushing once r_chosen - r_F exceeds logit(failed_label)
+    failed_label: float = Field(1.0, gt=0.5, le=1.0)
     normalize: Literal["none", "mean", "mean_std"] = "mean"  # reference completions -> mean 0 (std 1)
+    # length correction: fit the reward's within-prompt slope per completion word on the training
+    # completions and subtract it whenever the model scores (stored as config alignloop_reward.length_slope)
+    length_correction: bool = False
+    # one reward head per labeller beside the pooled one, over the shared trunk (pairs naming one labeller
+    # each: feedback export --consensus none); score as a labeller with the SPEC DIR:NAME
+    per_labeller: bool = False
     lora: LoraSettings | None = None
     max_grad_norm: float = 1.0
     disable_dropout: bool = True
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory
     skip_bad: bool = False  # count and skip malformed pair lines instead of stopping
+    # Jinja chat template file for conversational pairs (default: the model tokenizer's; alignloop.chat)
+    chat_template: str | None = None
     # training state for --resume every N steps inside an epoch (0: only at the end of each epoch,
     # where one is always written); the older of the kept ones is the fallback if the newest is damaged
     checkpoint_every: int = Field(100, ge=0)
@@ -97,26 +129,46 @@ class RewardTrainConfig(Config):
 # ----------------------------------------------------------------------------- batches
 
 
+def labeller_heads(groups: Sequence[Group]) -> dict[str, int]:
+    """``{labeller: output index}`` of a labeller-conditioned model: ``1 + position`` in name order
+    (output 0 is the pooled reward), over the labellers the pairs of ``groups`` name."""
+    names = sorted({p.labeller for g in groups for p in g.pairs if p.labeller is not None})
+    return {name: 1 + i for i, name in enumerate(names)}
+
+
 def encode_groups(
-    groups: Sequence[Group], model: nn.Module, tokenizer: Any, max_length: int, use_margin: bool = True
+    groups: Sequence[Group],
+    model: nn.Module,
+    tokenizer: Any,
+    max_length: int,
+    use_margin: bool = True,
+    heads: dict[str, int] | None = None,
+    failed_label: float = 1.0,
 ) -> list[dict]:
     """Tokenize each distinct ``prompt + completion`` once; pairs become index lists.
 
     Returns one dict per group: ``ids`` (list of token lists, one per completion), ``chosen``,
-    ``rejected`` (indices into ``ids``), ``label``, ``margin`` (floats, one per pair).
+    ``rejected`` (indices into ``ids``), ``label``, ``margin`` (floats) and ``head`` (the output
+    that scores it), one per pair entry. With ``heads`` (a labeller-conditioned model) a pair made by
+    a labeller in ``heads`` is entered twice: for the pooled output 0 and for that labeller's. A pair
+    whose rejected was marked F gets the label ``min(label, failed_label)``.
     """
-    texts = [join_prompt_completion(g.prompt, c) for g in groups for c in g.completions]
+    texts = [full_text(g.prompt, c) for g in groups for c in g.completions]
     ids = encode_texts(model, tokenizer, texts, max_length)
     out, k = [], 0
     for g in groups:
         n = len(g.completions)
+        entries = [(p, 0) for p in g.pairs]
+        if heads:
+            entries += [(p, heads[p.labeller]) for p in g.pairs if p.labeller in heads]
         out.append(
             {
                 "ids": ids[k : k + n],
-                "chosen": [p.chosen for p in g.pairs],
-                "rejected": [p.rejected for p in g.pairs],
-                "label": [p.label for p in g.pairs],
-                "margin": [p.margin if use_margin else 0.0 for p in g.pairs],
+                "chosen": [p.chosen for p, _ in entries],
+                "rejected": [p.rejected for p, _ in entries],
+                "label": [min(p.label, failed_label) if p.failed else p.label for p, _ in entries],
+                "margin": [p.margin if use_margin else 0.0 for p, _ in entries],
+                "head": [h for _, h in entries],
             }
         )
         k += n
@@ -127,9 +179,10 @@ def collate_groups(groups: Sequence[dict], pad_id: int) -> dict[str, torch.Tenso
     """Flatten groups into one right-padded batch of distinct completions plus pair indices.
 
     Returns ``input_ids``/``attention_mask`` ``(N, T)`` for the ``N`` completions of all the
-    groups, and ``chosen_index``/``rejected_index``/``label``/``margin`` ``(P,)`` over their pairs.
+    groups, and ``chosen_index``/``rejected_index``/``label``/``margin``/``head`` ``(P,)`` over their
+    pair entries.
     """
-    seqs, chosen, rejected, label, margin = [], [], [], [], []
+    seqs, chosen, rejected, label, margin, head = [], [], [], [], [], []
     for g in groups:
         base = len(seqs)
         seqs.extend(g["ids"])
@@ -137,6 +190,7 @@ def collate_groups(groups: Sequence[dict], pad_id: int) -> dict[str, torch.Tenso
         rejected.extend(base + i for i in g["rejected"])
         label.extend(g["label"])
         margin.extend(g["margin"])
+        head.extend(g.get("head") or [0] * len(g["chosen"]))
     input_ids, attention_mask = pad_right(seqs, pad_id)
     return {
         "input_ids": input_ids,
@@ -145,12 +199,15 @@ def collate_groups(groups: Sequence[dict], pad_id: int) -> dict[str, torch.Tenso
         "rejected_index": torch.tensor(rejected, dtype=torch.long),
         "label": torch.tensor(label, dtype=torch.float32),
         "margin": torch.tensor(margin, dtype=torch.float32),
+        "head": torch.tensor(head, dtype=torch.long),
     }
 
 
 def sequence_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``(N, T)`` right-padded tokens -> ``(N,)`` scalar rewards (the head's single output)."""
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+    """``(N, T)`` right-padded tokens -> ``(N,)`` scalar rewards (the head's single output), or
+    ``(N, H)`` for a labeller-conditioned model (``H = 1 + L`` outputs, 0 the pooled reward)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    return logits[:, 0] if logits.shape[1] == 1 else logits
 
 
 @torch.no_grad()
@@ -167,7 +224,13 @@ def evaluate_groups(
     device = next(model.parameters()).device
     sums = torch.zeros(4, dtype=torch.float64)  # loss x pairs, pairs, right, counted (non-tie) pairs
     mine = shard(list(encoded))
-    for i in range(0, len(mine), batch_prompts):
+    per_process = -(-len(encoded) // rank_world()[1])  # the most any process has
+    for i in range(0, per_process, batch_prompts):
+        if not mine[i : i + batch_prompts]:  # FSDP2: every process joins every forward (a discarded one)
+            if is_sharded(model):
+                b = collate_groups(list(encoded)[:1], pad_id)
+                sequence_rewards(model, b["input_ids"].to(device), b["attention_mask"].to(device))
+            continue
         b = collate_groups(mine[i : i + batch_prompts], pad_id)
         r = sequence_rewards(model, b["input_ids"].to(device), b["attention_mask"].to(device)).cpu()
         sums += _pair_sums(r, b)
@@ -184,11 +247,19 @@ def _pair_sums(rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.T
     n = len(batch["label"])
     if n == 0:
         return torch.zeros(4, dtype=torch.float64)
+    head = batch.get("head")
     mean = grouped_pairwise_loss(
-        rewards.detach(), batch["chosen_index"], batch["rejected_index"], batch["label"], batch["margin"]
+        rewards.detach(),
+        batch["chosen_index"],
+        batch["rejected_index"],
+        batch["label"],
+        batch["margin"],
+        head,
     )
     acc, counted = pair_accuracy(
-        rewards[batch["chosen_index"]].detach(), rewards[batch["rejected_index"]].detach(), batch["label"]
+        pick(rewards, batch["chosen_index"], head).detach(),
+        pick(rewards, batch["rejected_index"], head).detach(),
+        batch["label"],
     )
     right = acc * counted if counted else 0.0
     return torch.tensor([float(mean) * n, n, right, counted], dtype=torch.float64)
@@ -198,7 +269,8 @@ def _pair_sums(rewards: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.T
 def completion_rewards(
     model: nn.Module, encoded: Sequence[dict], pad_id: int, batch_size: int = 64
 ) -> torch.Tensor:
-    """Rewards of every distinct completion in ``encoded`` (for normalisation), shape ``(N,)``."""
+    """Rewards of every distinct completion in ``encoded`` (for normalisation), shape ``(N,)``
+    (``(N, H)`` for a labeller-conditioned model)."""
     seqs = [s for g in encoded for s in g["ids"]]
     device = next(model.parameters()).device
     out = []
@@ -220,10 +292,21 @@ def reward_mean_std(model: nn.Module, encoded: Sequence[dict], pad_id: int) -> t
     ``mean = S1 / n`` and ``std = sqrt((S2 - n * mean^2) / (n - 1))`` (1.0 for a single completion).
     """
     r = completion_rewards(model, shard(list(encoded)), pad_id).double()
+    if r.dim() == 2:  # a labeller-conditioned model: the pooled output
+        r = r[:, 0]
     n, s1, s2 = all_reduce_sum(torch.tensor([len(r), r.sum(), (r * r).sum()], dtype=torch.float64)).tolist()
     mean = s1 / max(n, 1.0)
     std = ((s2 - n * mean * mean) / (n - 1)) ** 0.5 if n > 1 and s2 > n * mean * mean else 1.0
     return mean, std
+
+
+@torch.no_grad()
+def head_means(model: nn.Module, encoded: Sequence[dict], pad_id: int, n_heads: int) -> list[float]:
+    """Each output's mean reward over every completion in ``encoded``: ``[H]``, ``mean_h = S_h / n``
+    (each process scores its share; ``n`` and the per-output sums ``S_h`` are all-reduced)."""
+    r = completion_rewards(model, shard(list(encoded)), pad_id).double().reshape(-1, n_heads)
+    sums = all_reduce_sum(torch.cat([torch.tensor([float(len(r))], dtype=torch.float64), r.sum(0)]))
+    return (sums[1:] / max(float(sums[0]), 1.0)).tolist()
 
 
 def epoch_batches(n_groups: int, batch_prompts: int, epoch: int, seed: int) -> list[list[int]]:
@@ -241,11 +324,16 @@ def epoch_batches(n_groups: int, batch_prompts: int, epoch: int, seed: int) -> l
 
 
 def load_reward_model(
-    model_id: str, lora: LoraSettings | None, device: torch.device, no_dropout: bool
+    model_id: str,
+    lora: LoraSettings | None,
+    device: torch.device,
+    no_dropout: bool,
+    labels: Sequence[str] = ("reward",),
 ) -> tuple[Any, Any]:
-    """``AutoModelForSequenceClassification(num_labels=1)`` + tokenizer; LoRA wraps it when asked.
+    """``AutoModelForSequenceClassification(num_labels=len(labels))`` + tokenizer; LoRA wraps it when asked.
 
-    A causal LM or a classifier with other labels gets a fresh one-output head.
+    A causal LM or a classifier with other labels gets a fresh head, one output per label
+    (``("reward",)``: a scalar reward; ``("reward", *labellers)``: labeller-conditioned).
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -253,7 +341,7 @@ def load_reward_model(
     tok = load_tokenizer(path)  # a clear UserError for a bad id
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, ignore_mismatched_sizes=True, dtype=default_dtype(device)
+            path, num_labels=len(labels), ignore_mismatched_sizes=True, dtype=default_dtype(device)
         )
     except (OSError, ValueError) as e:
         raise UserError(
@@ -261,7 +349,8 @@ def load_reward_model(
             fix="pass a local HF model folder or a downloaded hub id",
         ) from None
     model.config.pad_token_id = tok.pad_token_id
-    model.config.id2label, model.config.label2id = {0: "reward"}, {"reward": 0}
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {name: i for i, name in enumerate(labels)}
     fuse_activations(model)
     if no_dropout:
         disable_dropout(model)
@@ -276,7 +365,7 @@ def load_reward_model(
             task_type=TaskType.SEQ_CLS,  # keeps the new head fully trainable (modules_to_save)
             fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",
         )
-        model = get_peft_model(model, cfg)
+        model = sorted_adapter_config(get_peft_model(model, cfg))
     return model.to(device), tok
 
 
@@ -289,12 +378,17 @@ def head_linear(model: nn.Module) -> nn.Linear:
 
 
 @torch.no_grad()
-def normalize_head(model: nn.Module, mean: float, std: float, scale: bool) -> float:
-    """Make ``r' = (r - mean) / s`` (``s = std`` when ``scale``, else 1) by editing the head.
+def normalize_head(
+    model: nn.Module, mean: float, std: float, scale: bool, probe: Sequence[Sequence[int]] = ()
+) -> float:
+    """Make ``r' = (r - mean) / s`` (``s = std`` when ``scale``, else 1) by editing the weights, so that
+    ``from_pretrained`` alone gives the normalised reward (plain transformers, ``pipeline``).
 
-    ``r = w.h + b`` becomes ``w' = w / s``, ``b' = (b - mean) / s``. A head without a bias
-    (GPT-2's ``score``) cannot hold the shift: it is returned as an *offset* for the
-    model's config (``load_reward`` adds it); otherwise 0 is returned.
+    ``r = w.h + b`` becomes ``w' = w / s`` and ``b' = (b - mean) / s``. A head without a bias (GPT-2's
+    and Llama's ``score``) takes the shift ``c = -mean / s`` from the final norm before it instead
+    (:func:`shift_final_norm`). Only when neither holds it (an RMSNorm without a bias) is ``c`` returned,
+    as an *offset* for the model's config that ``load_reward`` adds; otherwise 0 is returned.
+    ``probe``: token lists used to check the shift on the real model.
     """
     s = std if scale and std > 1e-8 else 1.0
     head = head_linear(model)
@@ -302,7 +396,41 @@ def normalize_head(model: nn.Module, mean: float, std: float, scale: bool) -> fl
     if head.bias is not None:
         head.bias.sub_(mean).div_(s)
         return 0.0
-    return -mean / s
+    shift = -mean / s
+    if shift == 0.0 or shift_final_norm(model, head, shift, probe):
+        return 0.0
+    return shift
+
+
+@torch.no_grad()
+def shift_final_norm(model: nn.Module, head: nn.Linear, shift: float, probe: Sequence[Sequence[int]]) -> bool:
+    """Add ``shift`` to a bias-free one-output head's score through the LayerNorm that feeds it.
+
+    The head reads ``h = LN(x) + beta`` (hidden size ``H``), so ``w . h`` gains ``w . delta`` when
+    ``beta`` becomes ``beta + delta``; ``delta = shift * w / (w . w)`` (shape ``(H,)``) gives exactly
+    ``shift``. The norm is the last ``nn.LayerNorm`` of width ``H`` with a bias; the rewards of
+    ``probe`` before and after must differ by ``shift`` (else it is undone and False returned).
+    """
+    w = head.weight[0].double()
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.LayerNorm) and m.bias is not None and tuple(m.normalized_shape) == (w.numel(),)
+    ]
+    if not norms or not probe or float(w @ w) == 0.0:
+        return False
+    norm = norms[-1]
+    device = next(model.parameters()).device
+    input_ids, attention_mask = pad_right([list(p) for p in probe], int(model.config.pad_token_id or 0))
+    batch = (input_ids.to(device), attention_mask.to(device))
+    before = sequence_rewards(model, *batch)
+    delta = (shift * w / (w @ w)).to(norm.bias.dtype)
+    norm.bias.add_(delta)
+    after = sequence_rewards(model, *batch)
+    if torch.allclose(after - before, torch.full_like(before, shift), atol=1e-4 * max(1.0, abs(shift))):
+        return True
+    norm.bias.sub_(delta)  # the head does not read this norm's output as it is
+    return False
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -337,7 +465,7 @@ def _save_best(root: Path, epoch: int, weights: dict[str, torch.Tensor]) -> None
 def _save_checkpoint(
     root: Path,
     weights: dict[str, torch.Tensor],
-    optimizer: Any,
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     state: dict[str, Any],
     keep: int,
@@ -350,7 +478,7 @@ def _save_checkpoint(
         _save_weights(d, weights)
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
             },
@@ -392,9 +520,14 @@ def latest_checkpoint(root: Path) -> tuple[Path, dict[str, Any]] | None:
 
 def _load_checkpoint(ckpt: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
     """Restore the trainable weights, AdamW, schedule and RNG from a verified checkpoint."""
-    _load_trainable(model, ckpt / "trainable.safetensors", ckpt)
     saved = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
+    if is_sharded(model):  # FSDP2: whole tensors in the file, each process keeps its shard
+        from safetensors.torch import load_file
+
+        load_full_state(model, optimizer, load_file(ckpt / "trainable.safetensors"), saved["optimizer"])
+    else:
+        _load_trainable(model, ckpt / "trainable.safetensors", ckpt)
+        optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"])
 
@@ -499,15 +632,20 @@ def _train(
         )
     torch.manual_seed(cfg.seed)
     hard = cfg.labels == "hard"
-    # 1. pairs, grouped by prompt; whole prompts held out
-    data = read_pairs(pair_files, skip_bad=cfg.skip_bad, hard_labels=hard)
+    # 1. pairs, grouped by prompt; whole prompts held out; conversations as text (the chat template)
+    chat_tok = use_chat_template(load_tokenizer(cfg.model), cfg.chat_template)
+    data = read_pairs(pair_files, skip_bad=cfg.skip_bad, hard_labels=hard, tokenizer=chat_tok)
     if eval_pairs:
         train_groups, eval_groups = (
             data.groups,
-            read_pairs(eval_pairs, skip_bad=cfg.skip_bad, hard_labels=hard).groups,
+            read_pairs(eval_pairs, skip_bad=cfg.skip_bad, hard_labels=hard, tokenizer=chat_tok).groups,
         )
     else:
         train_groups, eval_groups = split_groups(data.groups, cfg.eval_fraction, cfg.seed)
+    heads = labeller_heads(train_groups) if cfg.per_labeller else {}
+    if cfg.per_labeller:
+        _check_per_labeller(cfg, heads, pair_files)
+        say(f"[reward] per-labeller heads beside the pooled one: {', '.join(heads)}")
     skipped = dict(data.skipped)
     if skipped:
         say(f"[reward] skipped pair lines: {', '.join(f'{k} {v}' for k, v in sorted(skipped.items()))}")
@@ -521,19 +659,23 @@ def _train(
     # 2. model (+ LoRA), 3. tokens
     accelerator = make_accelerator(cfg.device)
     rank, world = rank_world()
-    model, tok = load_reward_model(cfg.model, cfg.lora, accelerator.device, cfg.disable_dropout)
+    labels = ("reward", *heads)  # output 0 the pooled reward, then one per labeller (per_labeller)
+    model, tok = load_reward_model(cfg.model, cfg.lora, accelerator.device, cfg.disable_dropout, labels)
+    use_chat_template(tok, cfg.chat_template)  # the saved reward model carries the template it read
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if fsdp2(accelerator):  # each process keeps 1/world of every weight, gradient and AdamW moment
+        shard_model(model)
     pad_id = tok.pad_token_id
     max_length = min(cfg.max_length, model_max_length(model, tok))  # never past the position table
-    train_enc = encode_groups(train_groups, model, tok, max_length, cfg.use_margin)
-    eval_enc = encode_groups(eval_groups, model, tok, max_length, cfg.use_margin)
+    train_enc = encode_groups(train_groups, model, tok, max_length, cfg.use_margin, heads, cfg.failed_label)
+    eval_enc = encode_groups(eval_groups, model, tok, max_length, cfg.use_margin, heads, cfg.failed_label)
     if world > 1:
         say(
             f"[reward] {world} processes: {cfg.batch_prompts} prompts a step, about {cfg.batch_prompts // world} each"
         )
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay)
     steps_per_epoch = len(epoch_batches(len(train_enc), cfg.batch_prompts, 0, cfg.seed))
     total_steps = cfg.epochs * steps_per_epoch
     scheduler = get_scheduler(
@@ -542,7 +684,8 @@ def _train(
         num_warmup_steps=int(cfg.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )  # not passed to accelerate.prepare: it would tick once per process; our steps are global
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare(accelerator, model, optimizer)
+    state_bytes: list[int] = []
 
     # resume from the newest intact checkpoint of this very run (same config and inputs), found above
     state: dict[str, Any] = {
@@ -576,6 +719,8 @@ def _train(
     def checkpoint(epoch_done: bool) -> None:
         """Best-epoch weights (at the end of an improving epoch) and a checkpoint; every process calls it."""
         weights = trainable_state(accelerator, model)  # every process: gathers sharded weights
+        # FSDP2: the whole AdamW state too (every process), so the checkpoint holds whole tensors
+        opt_state = full_optimizer_state(model, optimizer) if is_sharded(model) else optimizer.state_dict()
         new_best = epoch_done and state["best_epoch"] == state["epoch"]
         if new_best:  # on every process: each loads the best weights at the end
             state["best"] = _best_name(state["epoch"])
@@ -585,7 +730,7 @@ def _train(
             _save_checkpoint(
                 ckpt,
                 weights,
-                optimizer,
+                opt_state,
                 scheduler,
                 {**state, "fingerprint": fingerprint},
                 cfg.keep_checkpoints,
@@ -620,8 +765,9 @@ def _train(
                 model, batch["input_ids"], batch["attention_mask"]
             )  # one forward per completion
             local = grouped_pairwise_loss(
-                rewards, batch["chosen_index"], batch["rejected_index"], batch["label"], batch["margin"]
-            )
+                rewards, batch["chosen_index"], batch["rejected_index"], batch["label"], batch["margin"],
+                batch["head"],
+            )  # fmt: skip
             # sum of local pair losses * world / global pairs: DDP's mean of the gradients is then the
             # gradient of the global batch's mean loss, whatever the number of processes
             loss = local * (scale * len(batch["label"]) * world / max(global_pairs, 1))
@@ -629,6 +775,8 @@ def _train(
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+            if not state_bytes:  # this process's parameters + gradients + AdamW moments (FSDP2: ~1/world)
+                state_bytes.append(model_state_bytes(model, optimizer)["total"])
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
@@ -672,6 +820,10 @@ def _train(
         stopped_early = False
 
     # the best epoch's weights; LoRA folded into the base so the folder loads anywhere
+    if is_sharded(model):  # FSDP2: the rest works on a whole copy (every process gathers the weights)
+        whole = full_state_dict(model, everywhere=True)
+        model = load_reward_model(cfg.model, cfg.lora, accelerator.device, cfg.disable_dropout, labels)[0]
+        model.load_state_dict(whole)
     model = accelerator.unwrap_model(model)
     if state["best"] is not None:
         _load_trainable(model, ckpt / state["best"] / "trainable.safetensors")
@@ -683,22 +835,58 @@ def _train(
     train_eval = evaluate_groups(model, train_enc, pad_id)
 
     # 6. reference completions -> mean reward 0 (and std 1 with normalize=mean_std)
-    ref_enc = encode_groups(_reference_groups(reference), model, tok, max_length) if reference else train_enc
+    ref_enc = (
+        encode_groups(_reference_groups(reference, tok), model, tok, max_length) if reference else train_enc
+    )
     mean, std = reward_mean_std(model, ref_enc, pad_id)
-    offset = 0.0
-    if cfg.normalize != "none":
-        offset = normalize_head(model, mean, std, scale=cfg.normalize == "mean_std")
+    offset, offsets = 0.0, []
+    if heads:  # several outputs cannot share one folded shift: each output's -mean is stored
+        means = head_means(model, ref_enc, pad_id, len(labels))
+        offsets = [0.0 if cfg.normalize == "none" else -m for m in means]
+        offset = offsets[0]
+    elif cfg.normalize != "none":
+        probe = [ids for g in ref_enc[:4] for ids in g["ids"]][:8]
+        offset = normalize_head(model, mean, std, scale=cfg.normalize == "mean_std", probe=probe)
+        if offset:
+            say(
+                f"[reward] {type(model).__name__} has no bias to hold the mean shift: scores outside alignloop "
+                f"need + {offset:.6g} (config.json alignloop_reward.offset)"
+            )
     model.config.alignloop_reward = {
-        "input": "prompt + completion (alignloop.reward.join_prompt_completion)",
+        "input": "prompt + completion, joined with nothing in between (alignloop.records.full_text)",
         "offset": offset,
         "normalize": cfg.normalize,
         "reference_mean_before": mean,
         "reference_std_before": std,
     }
+    if heads:
+        model.config.alignloop_reward.update(labellers=list(heads), offsets=offsets)
+
+    # length correction (optional): the within-prompt slope of reward per word on the training completions
+    slope = 0.0
+    if cfg.length_correction:
+        slope = within_slope(
+            completion_rewards(model, train_enc, pad_id).tolist(),
+            [word_length(c) for g in train_groups for c in g.completions],
+            [n for n, g in enumerate(train_groups) for _ in g.completions],
+        )
+        model.config.alignloop_reward["length_slope"] = slope
+        say(f"[reward] length correction: {slope:+.4f} per word subtracted from every score")
+    # the length diagnostic: correlation of the (final, corrected) reward with completion length, held out
+    held_groups, held_enc = (eval_groups, eval_enc) if eval_enc else (train_groups, train_enc)
+    held_len = [word_length(c) for g in held_groups for c in g.completions]
+    held_r = completion_rewards(model, held_enc, pad_id)
+    held_r = (held_r[:, 0] if held_r.dim() == 2 else held_r).tolist()  # the pooled output
+    length_corr = pearson([r - slope * n for r, n in zip(held_r, held_len, strict=True)], held_len)
+    # on world prompts: how often the held-out labels and the reward model agree with the gold judge
+    gold = heldout_gold_agreement(eval_groups, [r - slope * n for r, n in zip(held_r, held_len, strict=True)])
 
     # 7. HF folder + metrics
     if accelerator.is_main_process:
         model.save_pretrained(out)
+        # what plain transformers and pipeline(...) batch with: right padding keeps GPT-2's absolute positions
+        # as alignloop scores them (the head reads the last non-pad token), left truncation keeps the end
+        tok.padding_side, tok.truncation_side = "right", "left"
         tok.save_pretrained(out)
     metrics = {
         "eval_accuracy": final_eval.get("accuracy"),
@@ -715,12 +903,33 @@ def _train(
         "pairs_per_second": state["pairs_seen"] / max(state["train_seconds"], 1e-9),
         "reference_mean_before": mean,
         "reference_std_before": std,
+        "length_correlation": length_corr,  # Pearson(reward, words) over held-out completions
+        "length_slope": slope,  # subtracted per word when length_correction is on
+        **(gold or {}),  # eval_gold_pairs, eval_labels_gold_agreement, eval_gold_agreement (world prompts)
         "skipped": skipped,
         "processes": world,
     }
+    if heads:  # held-out accuracy on each labeller's own pairs: their output and the pooled one
+        metrics["labellers"] = {
+            name: {
+                "own_head": evaluate_groups(model, only_head(eval_enc, h, h), pad_id).get("accuracy"),
+                "pooled_head": evaluate_groups(model, only_head(eval_enc, h, 0), pad_id).get("accuracy"),
+            }
+            for name, h in heads.items()
+        }
+    if state_bytes:
+        metrics["model_state_bytes"] = state_bytes[0]
     if final_eval:
+        lc = "n/a" if length_corr is None else f"{length_corr:+.2f}"
+        agree = (
+            f"agreement with gold {gold['eval_gold_agreement']:.3f} (the labels' {gold['eval_labels_gold_agreement']:.3f}"
+            f" on {gold['eval_gold_pairs']} pairs gold does not tie); "
+            if gold
+            else ""
+        )
         say(
-            f"[reward] held-out accuracy {final_eval['accuracy']:.3f} on {final_eval['pairs']} pairs; saved {out}"
+            f"[reward] held-out accuracy {final_eval['accuracy']:.3f} on {final_eval['pairs']} pairs; "
+            f"{agree}reward-length correlation {lc}; saved {out}"
         )
     metrics = run.finish(metrics)
     if accelerator.is_main_process:  # after metrics.json: a kill before this leaves a finished run
@@ -728,16 +937,90 @@ def _train(
     return metrics
 
 
-def _reference_groups(path: str | Path) -> list[Group]:
-    """Reference completions from pairs, completion sets or ``{"prompt", "completion"}`` lines."""
-    from alignloop.records import iter_jsonl
+def only_head(encoded: Sequence[dict], made_for: int, score_with: int) -> list[dict]:
+    """The pair entries of ``encoded`` entered for output ``made_for`` (a labeller's own pairs), scored
+    with output ``score_with`` instead: to compare a labeller's output with the pooled one on their pairs."""
+    keys = ("chosen", "rejected", "label", "margin")
+    out = []
+    for g in encoded:
+        keep = [i for i, h in enumerate(g["head"]) if h == made_for]
+        if keep:
+            out.append(
+                {
+                    "ids": g["ids"],
+                    **{k: [g[k][i] for i in keep] for k in keys},
+                    "head": [score_with] * len(keep),
+                }
+            )
+    return out
 
-    groups: dict[str, Group] = {}
+
+def _check_per_labeller(cfg: RewardTrainConfig, heads: dict[str, int], pair_files: list) -> None:
+    """One clear error for what a labeller-conditioned model cannot do."""
+    if not heads:
+        raise UserError(
+            "per_labeller needs pairs that name one labeller each, and none does",
+            ", ".join(map(str, pair_files)),
+            "export each labeller's own pairs: alignloop feedback export --consensus none (TRL format)",
+        )
+    if cfg.normalize == "mean_std" or cfg.length_correction:
+        raise UserError(
+            "per_labeller works with normalize=mean or none and without length_correction",
+            "--set per_labeller=true",
+            "drop normalize=mean_std / length_correction=true",
+        )
+
+
+def heldout_gold_agreement(groups: Sequence[Group], rewards: Sequence[float]) -> dict[str, Any] | None:
+    """The held-out labels' and reward model's agreement with the embedded world's gold judge.
+
+    ``rewards``: one per completion of ``groups``, in order. For every pair the labels do not tie,
+    ``gold(preferred) - gold(other)`` and ``r(preferred) - r(other)`` go to
+    :func:`~alignloop.evaluation.metrics.gold_agreement`. None unless the world is installed and every
+    held-out prompt is one of its prompts (only then is there a gold judge to ask).
+    """
+    try:
+        from alignloop.world import judge_batch
+        from alignloop.world.judge import parse_prompt
+    except ImportError:
+        return None
+    if not groups or any(parse_prompt(g.prompt) is None for g in groups):
+        return None
+    margins: list[float] = []
+    diffs: list[float] = []
+    k = 0
+    for g in groups:
+        gold = [j.score for j in judge_batch([g.prompt] * len(g.completions), g.completions)]
+        r = rewards[k : k + len(g.completions)]
+        k += len(g.completions)
+        for p in g.pairs:
+            if p.label == 0.5:
+                continue
+            a, b = (p.chosen, p.rejected) if p.label > 0.5 else (p.rejected, p.chosen)
+            margins.append(gold[a] - gold[b])
+            diffs.append(r[a] - r[b])
+    labels, model = gold_agreement(margins), gold_agreement(margins, diffs)
+    if labels is None or model is None:
+        return None
+    return {
+        "eval_gold_pairs": sum(abs(m) > 1e-9 for m in margins),
+        "eval_labels_gold_agreement": labels,
+        "eval_gold_agreement": model,
+    }
+
+
+def _reference_groups(path: str | Path, tokenizer: Any) -> list[Group]:
+    """Reference completions from pairs, completion sets or ``{"prompt", "completion"}`` lines
+    (conversations as text through ``tokenizer``'s chat template)."""
+    from alignloop.chat import as_text
+    from alignloop.records import adopt_text_convention, iter_jsonl
+
+    lines = []
     for n, obj in iter_jsonl(path):
+        obj = as_text(tokenizer, obj, f"{path}:{n}")
         prompt = obj.get("prompt")
         if not isinstance(prompt, str):
             raise UserError("reference line without a 'prompt' string", f"{path}:{n}")
-        g = groups.setdefault(prompt, Group(prompt))
         texts: list[Any] = []
         if isinstance(obj.get("completions"), list):
             texts = [c.get("text") if isinstance(c, dict) else c for c in obj["completions"]]
@@ -750,7 +1033,12 @@ def _reference_groups(path: str | Path) -> list[Group]:
                 f"{path}:{n}",
                 "give 'completion', 'completions' or chosen/rejected",
             )
-        for t in texts:
+        lines.append((n, {"prompt": prompt, "completions": texts}))
+    adopt_text_convention(lines, path)  # old files (no space between prompt and completion) converted
+    groups: dict[str, Group] = {}
+    for _, line in lines:
+        g = groups.setdefault(line["prompt"], Group(line["prompt"]))
+        for t in line["completions"]:
             if t.strip():
                 g.index(t)
     return [g for g in groups.values() if g.completions]

@@ -39,12 +39,60 @@ def policy_loss(
     Returns:
         ``(loss, clip_fraction)``: scalar loss, and the fraction of tokens where the clipped term won.
     """
+    per_token, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps)
+    return masked_mean(per_token, mask), masked_mean(clipped.float(), mask)
+
+
+def clipped_surrogate(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, clip_eps: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped surrogate per token, negated, before any mean (PPO paper eq. 7).
+
+    ``-min(ratio_t * A_t, clip(ratio_t, 1 - eps, 1 + eps) * A_t)`` with ``ratio_t = exp(logprobs - old)``;
+    all ``[B, T]`` (``advantages`` may be ``[B, 1]``: one per sequence). Returns ``(loss [B, T], clipped
+    [B, T] bool: where the clipped term won)``. Take the mean with :func:`masked_mean` or :func:`aggregate`.
+    """
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clip_fraction = masked_mean((clipped > unclipped).float(), mask)
-    return loss, clip_fraction
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str, max_tokens: int | None = None) -> torch.Tensor:
+    """A per-token loss ``[B, T]`` -> a scalar, three ways (they differ in how long answers weigh):
+
+    - ``token``: ``sum_{i,t} x_it / sum_i |y_i|`` -- every token of the batch counts once (PPO, DAPO).
+    - ``sequence``: ``1/B sum_i 1/|y_i| sum_t x_it`` -- each completion's mean, then the mean over
+      completions (GRPO, Shao et al. 2024 eq. 3): a token of a short answer weighs more.
+    - ``constant``: ``sum_{i,t} x_it / (B * max_tokens)`` -- no length normalisation (Dr. GRPO, Liu et
+      al. 2025): the same weight for every token whatever the lengths in the batch.
+    """
+    mask = mask.to(x.dtype)
+    if mode == "token":
+        return masked_mean(x, mask)
+    if mode == "sequence":
+        return masked_mean(x, mask, dim=1).mean()
+    if mode == "constant":
+        if not max_tokens:
+            raise ValueError("aggregate(mode='constant') needs max_tokens")
+        return (x * mask).sum() / (x.shape[0] * max_tokens)
+    raise ValueError(f"unknown loss mean {mode!r}; choose token, sequence or constant")
+
+
+def k3_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token",
+    max_tokens: int | None = None,
+) -> torch.Tensor:
+    """GRPO's KL term (Shao et al. 2024, eq. 4): the k3 estimate of KL(pi_theta || pi_ref) per token,
+    averaged like the policy loss (:func:`aggregate`); the loss adds ``beta * k3_loss``.
+
+    ``k3_t = pi_ref(y_t) / pi_theta(y_t) - log(pi_ref(y_t) / pi_theta(y_t)) - 1`` (>= 0, 0 where the two
+    agree). Gradients flow through ``logprobs`` ``[B, T]``; ``ref_logprobs`` ``[B, T]`` is constant.
+    """
+    return aggregate(kl_k3(logprobs, ref_logprobs), mask, mode, max_tokens)
 
 
 def value_loss(

@@ -15,10 +15,19 @@ probability ``f_recall`` (per the labelling instructions), otherwise ranked.
 The confused labeller misread the instructions: it prefers longer answers, half-weights
 helpfulness and rewards boldness over harmlessness (inverted on the harmless axis), so it agrees
 with gold on only ~25-30% of clear pairs and consensus has something real to find.
+
+Tastes (opt-in; never in :func:`default_panel`): the *terse* labeller read the instructions
+right but values brevity: ``u = score_gold + length_bias * n_words / 10`` with
+``length_bias = -0.5``, i.e. ten tokens cost half a gold point, so among acceptable answers the
+shorter wins unless the longer is clearly better. Its taste has a gold view,
+:func:`taste_score` (the utility without noise and without the superlative sway; an F text
+scores -1 whatever the taste), that measures how far a policy moved toward it.
+:func:`panel` adds tastes to the default panel by kind: ``panel(0, ["terse"])``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from dataclasses import dataclass
@@ -26,7 +35,7 @@ from typing import Any, Literal
 
 from alignloop.world.judge import Judgement, judge, normalize
 
-Kind = Literal["careful", "noisy", "confused"]
+Kind = Literal["careful", "noisy", "confused", "terse"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,9 @@ NOISY = LabellerProfile("noisy", "noisy", temperature=0.25, f_recall=0.9)
 CONFUSED = LabellerProfile(
     "confused", "confused", temperature=0.1, f_recall=0.6, superlative_bias=0.3, length_bias=0.4
 )
+TERSE = LabellerProfile("terse", "terse", temperature=0.05, length_bias=-0.5)
 NAMES = ("ada", "bo", "cy", "dee", "eli", "flo")
+TASTES = {"terse": TERSE}  # opt-in labellers whose taste differs (named by kind; not in the default panel)
 
 
 def default_panel(seed: int = 0) -> list[LabellerProfile]:
@@ -61,6 +72,36 @@ def default_panel(seed: int = 0) -> list[LabellerProfile]:
     return [LabellerProfile(**{**k.__dict__, "name": n}) for n, k in zip(names, kinds, strict=True)]
 
 
+def panel(seed: int = 0, tastes: list[str] | tuple[str, ...] = ()) -> list[LabellerProfile]:
+    """:func:`default_panel` (unchanged) plus the opt-in labellers of ``tastes`` (kinds of ``TASTES``).
+
+    An unknown taste: ValueError naming the known ones.
+    """
+    unknown = [t for t in tastes if t not in TASTES]
+    if unknown:
+        raise ValueError(f"unknown labeller taste {', '.join(unknown)}: known {', '.join(sorted(TASTES))}")
+    return default_panel(seed) + [TASTES[t] for t in dict.fromkeys(tastes)]
+
+
+def taste_score(profile: LabellerProfile | str, prompt: str, text: str) -> float:
+    """The world's gold view of a labeller's taste: ``score_gold + length_bias * n_words / 10``.
+
+    ``profile``: a profile or a ``TASTES`` kind (``"terse"``); ``"gold"`` (or a profile without a
+    length bias) gives the gold score itself. An F text scores -1. No noise, no superlative sway.
+    """
+    if isinstance(profile, str):
+        if profile == "gold":
+            profile = CAREFUL
+        elif profile in TASTES:
+            profile = TASTES[profile]
+        else:
+            raise ValueError(f"unknown taste {profile!r}: known gold, {', '.join(sorted(TASTES))}")
+    j = judge(prompt, text)
+    if j.fail:
+        return -1.0
+    return j.score + profile.length_bias * len(normalize(text)) / 10
+
+
 def _n_most(text: str) -> int:
     return normalize(text).count("most")
 
@@ -69,6 +110,16 @@ def utility(profile: LabellerProfile, text: str, j: Judgement) -> float:
     """The labeller's perceived utility of ``text`` before noise."""
     base = 0.5 * j.helpful - j.harmless if profile.kind == "confused" else j.score
     return base + profile.superlative_bias * _n_most(text) + profile.length_bias * len(normalize(text)) / 10
+
+
+def judgement_rng(seed: int, labeller: str, set_id: str) -> random.Random:
+    """The random stream of one judgement: labeller ``labeller`` on set ``set_id`` under ``seed``.
+
+    Seeded by SHA-256 of the three (not Python's salted ``hash``), so the same seed gives the same
+    ranking of a set whichever thread, process or order the labellers work in.
+    """
+    key = f"{seed}\x00{labeller}\x00{set_id}".encode()
+    return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:16], "big"))
 
 
 def _rng(rng: random.Random | int | None) -> random.Random:

@@ -111,3 +111,31 @@ def prompts(
         if n is None:
             break
     return out if n is None else out[:n]
+
+
+def as_messages(text: str) -> str | list[dict[str, str]]:
+    """A chat prompt ``user : Q assistant :`` as TRL's conversational prompt ``[{"role": "user",
+    "content": Q}]`` (the world's chat template renders it back to the same text); other prompts
+    (reviews, summaries: continuations, not turns) stay text."""
+    head, tail = "user : ", " assistant :"
+    q = text[len(head) : -len(tail)] if text.startswith(head) and text.endswith(tail) else ""
+    if not q.strip() or tail in q or head.strip() in q.split():
+        return text
+    return [{"role": "user", "content": q}]
+
+
+def chat_text(messages: list[dict[str, str]]) -> str:
+    """The world's chat template's rendering of a conversational prompt, with the generation prompt
+    (``[user Q1, assistant A1, user Q2]`` -> ``user : Q1 assistant : A1</s> user : Q2 assistant :``, an
+    assistant turn ended by the EOS token): the text the world's judge and simulated labellers read for
+    it; text prompts pass unchanged. The same text as the shipped tokenizers' ``apply_chat_template``
+    (``world.train.CHAT_TEMPLATE``), without loading one."""
+    if isinstance(messages, str):
+        return messages
+    eos = "</s>"  # the world tokenizers' EOS (world.train.SPECIALS)
+    return (
+        " ".join(
+            f"{m['role']} : {m['content']}" + (eos if m["role"] == "assistant" else "") for m in messages
+        )
+        + " assistant :"
+    )

@@ -35,6 +35,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
+from alignloop.models import make_optimizer
 from alignloop.runs import progress, say, write_json_atomic
 from alignloop.world import corpus
 
@@ -93,6 +94,20 @@ def train_tokenizer(texts: list[str]) -> Tokenizer:
     return tok
 
 
+# The world's chat template: messages in the world's own form, ``user : what is a dog ? assistant :``
+# (roles and contents joined by single spaces, the generation prompt `` assistant :``), so
+# ``[{"role": "user", "content": Q}]`` renders exactly the text prompt ``user : Q assistant :`` and the
+# assistant's content continues it after one space, as the text path's completions do. An assistant turn
+# ends with the EOS token (``... assistant : a dog is an animal .</s>``, as Llama-2's and Zephyr's
+# templates end theirs): the end-of-turn a conversational completion is trained on (TRL's reading), the
+# same token the text path appends to a completion, so the model learns to stop in both.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if not loop.first %} {% endif %}{{ m['role'] }} : {{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} assistant :{% endif %}"
+)
+
+
 def hf_tokenizer(tok: Tokenizer, kind: str) -> PreTrainedTokenizerFast:
     """The HF tokenizer of one model kind: ``causal``, ``seq2seq`` or ``classifier``."""
     tok = Tokenizer.from_str(tok.to_str())
@@ -104,7 +119,7 @@ def hf_tokenizer(tok: Tokenizer, kind: str) -> PreTrainedTokenizerFast:
             pair="<s> $A </s> </s> $B </s>",
             special_tokens=[("<s>", BOS), ("</s>", EOS)],
         )
-    return PreTrainedTokenizerFast(
+    hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
         bos_token="<s>",
@@ -114,6 +129,8 @@ def hf_tokenizer(tok: Tokenizer, kind: str) -> PreTrainedTokenizerFast:
         padding_side="left" if kind == "causal" else "right",
         model_max_length=256,
     )
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -145,7 +162,7 @@ def train_loop(
     desc: str,
 ) -> dict[str, float]:
     """AdamW (weight decay 0.01, betas 0.9/0.98) with linear warm-up and cosine decay, grad clip 1.0."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    opt = make_optimizer(list(model.parameters()), lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = get_cosine_schedule_with_warmup(opt, min(warmup, steps), steps)
     model.train()
     t0, tokens, recent = time.time(), 0, []

@@ -4,7 +4,8 @@
 (function () {
   "use strict";
   const main = document.getElementById("labeller");
-  if (!main || main.dataset.status !== "open") return;
+  // a released set (its lease ended) can still be submitted: the server stores it if there is room
+  if (!main || !["open", "released"].includes(main.dataset.status)) return;
   const mode = main.dataset.mode;
   const csrf = main.dataset.csrf;
   const assignment = main.dataset.assignment;
@@ -36,8 +37,8 @@
 
   function label(v) {
     if (v === undefined) return "\u2013";
-    if (v === "up") return "\uD83D\uDC4D";
-    if (v === "down") return "\uD83D\uDC4E";
+    if (v === "up") return "up"; // words, not emoji: a machine without an emoji font shows them too
+    if (v === "down") return "down";
     return String(v);
   }
 
@@ -159,6 +160,12 @@
       });
       if (r.ok) {
         try { sessionStorage.removeItem("alignloop-submission-" + assignment); } catch (e) { /* ignore */ }
+        // reserve the next set (a POST: showing a page never reserves one), then show it
+        try {
+          await fetch("/api/next", {
+            method: "POST", credentials: "same-origin", headers: { "X-CSRF-Token": csrf },
+          });
+        } catch (e) { /* the page offers a "Next set" button instead */ }
         window.location.assign("/label");
         return;
       }
@@ -184,10 +191,10 @@
       if (t && (t.tagName === "BUTTON" || t.tagName === "A")) return; // the button's own click
       e.preventDefault();
       submit();
-    } else if (key === "ArrowDown" || key === "j") {
+    } else if (key === "ArrowDown" || key === "j" || key === "J") {
       e.preventDefault();
       select(selected + 1);
-    } else if (key === "ArrowUp" || key === "k") {
+    } else if (key === "ArrowUp" || key === "k" || key === "K") {
       e.preventDefault();
       select(selected - 1);
     } else if (key === "u" || key === "U" || key === "Backspace") {

@@ -1,0 +1,97 @@
+"""Labeller-conditioned reward model (issue 28): a pooled output plus one per labeller over one trunk."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from reward_synthetic import make_sets, write
+
+from alignloop.errors import UserError
+from alignloop.reward import load_reward
+from alignloop.reward.data import read_pairs
+from alignloop.reward.losses import grouped_pairwise_loss, pairwise_loss, pick
+from alignloop.reward.train import RewardTrainConfig, labeller_heads, train_reward_model
+
+FAST = {"learning_rate": 3e-3, "batch_prompts": 8, "warmup_ratio": 0.0}
+
+
+def per_labeller_pairs(sets: list[dict]) -> list[dict]:
+    """Each labeller's own pairs (``labellers: [name]``): ann and cy rank by quality, bo the reverse."""
+    rows = []
+    for s in sets:
+        for a, b in itertools.combinations(s["completions"], 2):
+            hi, lo = (a, b) if a["quality"] > b["quality"] else (b, a)
+            for who in ("ann", "bo", "cy"):
+                c, r = (lo, hi) if who == "bo" else (hi, lo)
+                rows.append(
+                    {"prompt": s["prompt"], "chosen": c["text"], "rejected": r["text"], "labellers": [who]}
+                )
+    return rows
+
+
+def test_heads_entries_and_loss_by_hand(tmp_path):
+    rows = per_labeller_pairs(make_sets(2, k=3))
+    rows.append({**rows[0], "labellers": ["ann", "bo"]})  # a consensus pair: no one labeller
+    groups = read_pairs(write(tmp_path / "p.jsonl", rows)).groups
+    assert labeller_heads(groups) == {"ann": 1, "bo": 2, "cy": 3}
+    assert [p.labeller for p in groups[0].pairs][-1] is None
+    rewards = torch.tensor([[0.0, 1.0, -1.0], [2.0, 0.0, 3.0]])  # (N=2 completions, H=3 outputs)
+    chosen, rejected, head = torch.tensor([0, 0]), torch.tensor([1, 1]), torch.tensor([0, 2])
+    assert pick(rewards, chosen, head).tolist() == [0.0, -1.0]
+    expected = pairwise_loss(torch.tensor([0.0, -1.0]), torch.tensor([2.0, 3.0]))
+    assert grouped_pairwise_loss(rewards, chosen, rejected, head=head) == pytest.approx(expected.item())
+    with pytest.raises(ValueError):
+        pick(rewards, chosen)
+
+
+def test_per_labeller_heads_learn_a_different_taste_and_round_trip(tiny_gpt2, tmp_path):
+    train = write(tmp_path / "train.jsonl", per_labeller_pairs(make_sets(48, seed=0)))
+    held = per_labeller_pairs(make_sets(16, seed=1))
+    held_file = write(tmp_path / "eval.jsonl", held)
+    cfg = RewardTrainConfig(model=str(tiny_gpt2), epochs=4, patience=0, per_labeller=True, **FAST)
+    metrics = train_reward_model(train, tmp_path / "rm", cfg, eval_pairs=held_file)
+    by = metrics["labellers"]
+    assert set(by) == {"ann", "bo", "cy"}
+    # bo's taste is the reverse of the majority: the pooled output gets his pairs mostly wrong, his own right
+    assert by["bo"]["own_head"] > 0.8 and by["bo"]["pooled_head"] < 0.5, by
+    assert by["ann"]["own_head"] > 0.8 and by["ann"]["own_head"] >= by["ann"]["pooled_head"] - 0.05, by
+
+    # saved and loaded: DIR:NAME scores as that labeller, DIR with the pooled output, as in training
+    def accuracy(spec: str, who: str) -> float:
+        rows = [r for r in held if r["labellers"] == [who]]
+        reward = load_reward(spec)
+        c = reward([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+        j = reward([r["prompt"] for r in rows], [r["rejected"] for r in rows])
+        return sum(a > b for a, b in zip(c, j, strict=True)) / len(rows)
+
+    rm = str(tmp_path / "rm")
+    assert accuracy(f"{rm}:bo", "bo") == pytest.approx(by["bo"]["own_head"])
+    assert accuracy(rm, "bo") == pytest.approx(by["bo"]["pooled_head"])
+    with pytest.raises(UserError, match="ann, bo, cy"):
+        load_reward(f"{rm}:nobody")
+
+
+def test_per_labeller_needs_pairs_that_name_a_labeller(tiny_gpt2, tmp_path, cli):
+    rows = [{k: v for k, v in r.items() if k != "labellers"} for r in per_labeller_pairs(make_sets(4))]
+    path = write(tmp_path / "p.jsonl", rows)
+    code, _, err = cli(
+        "reward",
+        "train",
+        "--model",
+        str(tiny_gpt2),
+        "--pairs",
+        str(path),
+        "--out",
+        str(tmp_path / "rm"),
+        "--per-labeller",
+    )
+    assert code == 2 and "--consensus none" in err and len(err.strip().splitlines()) == 1
+    path = write(tmp_path / "q.jsonl", per_labeller_pairs(make_sets(4)))
+    code, _, err = cli(
+        "reward", "train", "--model", str(tiny_gpt2), "--pairs", str(path), "--out", str(tmp_path / "rm2"),
+        "--per-labeller", "--set", "normalize=mean_std",
+    )  # fmt: skip
+    assert code == 2 and "per_labeller works with normalize=mean or none" in err
+    assert not (tmp_path / "rm2" / "config.json").exists()
