@@ -56,7 +56,7 @@ def seal_folder(tmp: Path, final: Path, info: dict[str, Any]) -> None:
     for f in tmp.iterdir():  # on disk before the rename makes them the checkpoint
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
+    remove_folder(final)
     os.replace(tmp, final)
 
 
@@ -74,9 +74,22 @@ def step_folder(root: Path, step: int) -> Path:
 
 
 def prune(root: Path, keep: int) -> None:
-    """Keep the newest ``keep`` step folders of ``root``."""
+    """Keep the newest ``keep`` step folders of ``root`` (and delete what a killed prune left hidden)."""
+    for left in root.glob(".old-step-*"):  # hidden already: deleting it part-way is harmless
+        shutil.rmtree(left, ignore_errors=True)
     for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_folder(old)
+
+
+def remove_folder(folder: Path) -> None:
+    """Delete ``folder`` so that a kill part-way never leaves half of it under its own name: one
+    rename hides it first (``.old-<name>``), then the hidden copy is deleted. A hidden copy left by an
+    earlier kill is deleted here too."""
+    hidden = folder.with_name(f".old-{folder.name}")
+    shutil.rmtree(hidden, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
 
 
 def verify_folder(folder: Path) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from alignloop.checkpoints import remove_folder
 from alignloop.config import Config
 from alignloop.distributed import (
     all_reduce_sum,
@@ -351,8 +352,7 @@ def save_checkpoint(
         tmp / "state.pt",
     )
     final = out / CHECKPOINT
-    if final.exists():
-        shutil.rmtree(final)
+    remove_folder(final)
     tmp.rename(final)
 
 

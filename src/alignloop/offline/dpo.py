@@ -49,7 +49,13 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from alignloop.chat import is_rendered, use_chat_template
-from alignloop.checkpoints import newest_intact, truncate_metrics_log, verify_folder, write_step
+from alignloop.checkpoints import (
+    newest_intact,
+    remove_folder,
+    truncate_metrics_log,
+    verify_folder,
+    write_step,
+)
 from alignloop.config import Config
 from alignloop.distributed import (
     fsdp2,
@@ -625,8 +631,7 @@ def save_snapshot(folder: Path, model: Any, tokenizer: Any, state_dict: dict | N
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
+    remove_folder(folder)
     os.replace(tmp, folder)
     return folder
 

@@ -41,7 +41,7 @@ from pydantic import Field
 from torch import nn
 
 from alignloop.chat import use_chat_template
-from alignloop.checkpoints import newest_intact, verify_folder, write_folder, write_step
+from alignloop.checkpoints import newest_intact, remove_folder, verify_folder, write_folder, write_step
 from alignloop.config import Config
 from alignloop.distributed import (
     all_reduce_sum,
@@ -494,7 +494,7 @@ def _save_checkpoint(
             pass  # damaged: never resumed from, so it holds nothing back
     for old in root.glob("best-*"):
         if old.name not in named:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_folder(old)
     write_json_atomic(root / "latest.json", {**state, "dir": final.name})
     return final
 
