@@ -187,6 +187,23 @@ def test_unchanged_since_sees_config_and_input_changes(tmp_path):
     assert unchanged_since(tmp_path / "stage", Outer()) is False
 
 
+def test_unchanged_since_rehashes_a_world_model_where_its_name_points_now(tmp_path):
+    """A run folder copied from another checkout: its manifest names world:base at a path that is
+    gone; the same world model here still counts as unchanged, a different one does not."""
+    from alignloop.runs import unchanged_since
+
+    start_stage(tmp_path / "stage", "x", config=Outer(), inputs={"model": "world:base"}).finish({})
+    manifest = tmp_path / "stage" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    assert m["inputs"]["model"]["sha256"]
+    m["inputs"]["model"]["path"] = str(tmp_path / "another-checkout" / "world" / "shipped" / "base")
+    manifest.write_text(json.dumps(m))
+    assert unchanged_since(tmp_path / "stage", Outer()) is True
+    m["inputs"]["model"]["sha256"] = "0" * 64  # the world model it ran with was another one
+    manifest.write_text(json.dumps(m))
+    assert unchanged_since(tmp_path / "stage", Outer()) is False
+
+
 def test_a_standalone_stage_writes_its_manifest_beside_its_output_file(cli, tmp_path):
     from alignloop.runs import sha256_path
     from alignloop.world import model_path

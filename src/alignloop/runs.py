@@ -339,7 +339,9 @@ def stage_guard(run: StageRun) -> Iterator[StageRun]:
 def unchanged_since(out: str | Path, config: Any) -> bool | None:
     """Whether the stage folder ``out`` was run with this config and inputs still as they were.
 
-    None when ``out`` has no manifest. Inputs are re-hashed from the paths the manifest recorded.
+    None when ``out`` has no manifest. Inputs are re-hashed from the paths the manifest recorded; a
+    named input (``world:base``) is re-hashed where that name points now, so a run folder copied to
+    another checkout (or after the one it ran in is gone) still resumes when its world model is the same.
     A caller that resumes stages (the loop) restarts a stage from scratch when this is False,
     rather than continuing a checkpoint made with other settings.
     """
@@ -353,6 +355,10 @@ def unchanged_since(out: str | Path, config: Any) -> bool | None:
     if old.get("config") != _config_dict(config):
         return False
     for rec in old.get("inputs", {}).values():
+        if rec.get("id") is not None:
+            if describe_input(rec["id"])["sha256"] != rec.get("sha256"):
+                return False
+            continue
         p = rec.get("path")
         if p is not None and (not Path(p).exists() or sha256_path(p) != rec.get("sha256")):
             return False
