@@ -32,6 +32,13 @@ def register(sub: Any) -> None:
         choices=("nominal", "ordinal", "interval"),
         help="alpha's level of measurement for the outcomes a>b, tie, b>a (default: ordinal)",
     )
+    r.add_argument(
+        "--reward",
+        metavar="SPEC",
+        help="also show, per labeller, how their choices sit against this pooled reward model "
+        "(and their own output when it is labeller-conditioned): a different taste or misread "
+        "instructions (needs --sets or --db for the texts)",
+    )
 
     e = command(
         g,
@@ -136,10 +143,12 @@ def _report(args: argparse.Namespace) -> int:
     from alignloop.preference.report import feedback_report, write_report
     from alignloop.runs import stage_guard, start_stage
 
-    sets, rankings = _load(args, need_sets=False)
-    run = start_stage(args.out, "feedback-report", config={"level": args.level}, inputs=_inputs(args))
+    sets, rankings = _load(args, need_sets=bool(args.reward))
+    scores, own = _reward_scores(args.reward, sets) if args.reward else (None, None)
+    config = {"level": args.level, "reward": args.reward}
+    run = start_stage(args.out, "feedback-report", config=config, inputs=_inputs(args))
     with stage_guard(run):
-        rep = feedback_report(sets, rankings, level=args.level)
+        rep = feedback_report(sets, rankings, level=args.level, scores=scores, own=own, reward=args.reward)
         paths = write_report(rep, args.out)
         run.finish(
             {
@@ -159,10 +168,31 @@ def _report(args: argparse.Namespace) -> int:
             f"  {row['name']}: tau-b {tau} on {row['n_labelled']} sets"
             + (" FLAGGED" if row["flagged"] else "")
         )
+        if "vs_model" in row:
+            m = row["vs_model"]
+            pct = "n/a" if m["model"] is None else f"{m['model']:.0%}"
+            print(f"    vs {args.reward}: {pct} of {m['pairs']} pairs; {m['reading']}")
     for f in rep["flagged"]:
         print(f"flagged {f['name']}: {f['reason']}")
     print(f"wrote {paths['html']}")
     return 0
+
+
+def _reward_scores(spec: str, sets: list) -> tuple[dict, dict]:
+    """Every completion of ``sets`` scored by the reward SPEC (its pooled output), and, when it is
+    a labeller-conditioned model, by each labeller's output: ``(scores, {labeller: scores})``."""
+    from alignloop.reward import load_reward
+    from alignloop.reward.functions import conditioned_labellers
+
+    keys = [(s.set_id, c.id) for s in sets for c in s.completions]
+    prompts = [s.prompt for s in sets for c in s.completions]
+    texts = [c.text for s in sets for c in s.completions]
+    pooled = load_reward(spec)
+    scores = dict(zip(keys, pooled(prompts, texts), strict=True))
+    own = {}
+    for name in conditioned_labellers(pooled.model) if pooled.model is not None else []:
+        own[name] = dict(zip(keys, load_reward(f"{spec}:{name}")(prompts, texts), strict=True))
+    return scores, own
 
 
 def _export(args: argparse.Namespace) -> int:

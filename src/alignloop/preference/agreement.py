@@ -302,3 +302,139 @@ def flag_labellers(rankings: list[Ranking], rule: FlagRule | None = None) -> dic
                 f"(threshold {gap:.2f}): may have misunderstood the instructions"
             )
     return out
+
+
+# --------------------------------------------------------------------------- against a reward model
+Scores = dict[tuple[str, str], float]  # {(set_id, completion_id): reward}
+
+
+def _agrees(outcome: int, s_a: float, s_b: float) -> float:
+    """1 when scores order a pair as the vote does (``outcome`` +1: a better), 1/2 on a score tie, else 0."""
+    d = s_a - s_b
+    return 0.5 if d == 0 else float(d * outcome > 0)
+
+
+def model_agreement(
+    rankings: list[Ranking], scores: Scores, own: dict[str, Scores] | None = None
+) -> dict[str, dict[str, float | int | None]]:
+    """Per labeller: how their choices sit against a pooled reward model, their own output and the others.
+
+    A labeller's *ordered pairs* are their votes with an outcome (no ties; F below every ranked
+    completion, :mod:`alignloop.preference.pairs`) on completions ``scores`` scores. For a pair
+    ``(a, b)`` with outcome ``o`` and scores ``s``, ``agree = 1[(s_a - s_b) * o > 0]`` (1/2 when
+    ``s_a = s_b``). Returned per labeller (every share is a mean of ``agree`` over its pairs)::
+
+        {"pairs": n,          "model": share the pooled model orders as they did,
+         "clear_pairs": n_c,  "model_clear": the same on the model's *clear* pairs: those with
+                              |s_a - s_b| >= the median |s_a - s_b| over every labeller's pairs,
+         "consensus_pairs": n_k, "consensus": share the others' mean rank (:func:`others_consensus`)
+                              orders as they did, over the pairs the others order,
+         "own_pairs": n_o,    "own": the same for ``own[labeller]`` (their output of a
+                              labeller-conditioned model), None without one}
+
+    Shares are None over no pairs. Only each labeller's latest ranking of a set counts.
+    """
+    own = own or {}
+    by_set = _latest_by_set(rankings)
+    rows: list[tuple[str, float, float, float | None, float | None]] = []  # (who, |gap|, model, others, own)
+    for rs in by_set.values():
+        for r in rs:
+            others = others_consensus(rs, r.labeller)
+            mine = own.get(r.labeller)
+            lv = levels(r)
+            for a, b in combinations(sorted(lv), 2):
+                o = compare(lv[a], lv[b])
+                ka, kb = (r.set_id, a), (r.set_id, b)
+                if not o or ka not in scores or kb not in scores:
+                    continue
+                k = compare(others[a], others[b]) if a in others and b in others else 0
+                rows.append(
+                    (
+                        r.labeller,
+                        abs(scores[ka] - scores[kb]),
+                        _agrees(o, scores[ka], scores[kb]),
+                        float(k == o) if k else None,
+                        _agrees(o, mine[ka], mine[kb]) if mine and ka in mine and kb in mine else None,
+                    )
+                )
+    cut = statistics.median(x[1] for x in rows) if rows else 0.0
+
+    def share(xs: list[float]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
+    out: dict[str, dict[str, float | int | None]] = {}
+    for name in sorted({r.labeller for r in rankings}):
+        mine_rows = [x for x in rows if x[0] == name]
+        clear = [m for _, g, m, _, _ in mine_rows if g >= cut and g > 0]
+        cons = [c for *_, c, _ in mine_rows if c is not None]
+        own_ = [w for *_, w in mine_rows if w is not None]
+        model = [m for _, _, m, _, _ in mine_rows]
+        out[name] = {
+            "pairs": len(model),
+            "model": share(model),
+            "clear_pairs": len(clear),
+            "model_clear": share(clear),
+            "consensus_pairs": len(cons),
+            "consensus": share(cons),
+            "own_pairs": len(own_),
+            "own": share(own_),
+        }
+    return out
+
+
+@dataclass(frozen=True)
+class ReadingRule:
+    """How :func:`read_agreement` tells a different taste from misread instructions.
+
+    - *misread*: on the pooled model's clear pairs the labeller agrees with it less than ``sure``,
+      and (when others judged their sets) agrees with the others' consensus less than ``sure``:
+      they disagree where the instructions leave little room.
+    - *different taste*: not misread, and either their own output of a labeller-conditioned model
+      beats the pooled model on their pairs by at least ``gap`` (consistent, but not the pool's),
+      or (no own output) the pooled model agrees with them ``gap`` less than the other labellers'
+      median while agreeing on its clear pairs: they differ on close calls only.
+    - labellers with fewer than ``min_pairs`` ordered pairs are not read.
+    """
+
+    sure: float = 0.7
+    gap: float = 0.03
+    min_pairs: int = 20
+
+
+def read_agreement(
+    rows: dict[str, dict[str, float | int | None]], rule: ReadingRule | None = None
+) -> dict[str, str]:
+    """A plain reading of each labeller's :func:`model_agreement` row (see :class:`ReadingRule`)."""
+    rule = rule or ReadingRule()
+    out: dict[str, str] = {}
+    for name, r in rows.items():
+        n, model, clear, cons, own = r["pairs"], r["model"], r["model_clear"], r["consensus"], r["own"]
+        if model is None or int(n or 0) < rule.min_pairs:
+            out[name] = f"too few ordered pairs to read ({n})"
+            continue
+        typical = [
+            float(x["model"])  # type: ignore[arg-type]
+            for k, x in rows.items()
+            if k != name and x["model"] is not None and int(x["pairs"] or 0) >= rule.min_pairs
+        ]
+        if clear is not None and clear < rule.sure and (cons is None or cons < rule.sure):
+            with_others = f" and with the other labellers on {cons:.0%}" if cons is not None else ""
+            out[name] = (
+                f"agrees with the pooled model on only {clear:.0%} of the pairs it is sure of{with_others}: "
+                "may have misread the instructions"
+            )
+        elif own is not None and own - model >= rule.gap:
+            out[name] = (
+                f"a different taste: their own output agrees with {own:.0%} of their pairs, "
+                f"the pooled model with {model:.0%}"
+            )
+        elif own is None and typical and model < statistics.median(typical) - rule.gap:
+            out[name] = (
+                f"likely a different taste: the pooled model agrees with {model:.0%} of their pairs "
+                f"(others' median {statistics.median(typical):.0%}) but with "
+                f"{'n/a' if clear is None else f'{clear:.0%}'} of those it is sure of; "
+                "per_labeller=true in reward training tells"
+            )
+        else:
+            out[name] = "in line with the pooled model"
+    return out

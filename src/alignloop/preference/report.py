@@ -20,11 +20,14 @@ from alignloop.pages import png as png_bytes
 from alignloop.preference.agreement import (
     FlagRule,
     Level,
+    Scores,
     f_rate,
     flag_labellers,
     latest_rankings,
     leave_one_out_tau,
+    model_agreement,
     pairwise_alpha,
+    read_agreement,
     tie_rate,
 )
 from alignloop.records import CompletionSet, Ranking
@@ -41,6 +44,9 @@ def feedback_report(
     *,
     rule: FlagRule | None = None,
     level: Level = "ordinal",
+    scores: Scores | None = None,
+    own: dict[str, Scores] | None = None,
+    reward: str | None = None,
 ) -> dict[str, Any]:
     """Agreement numbers for a project.
 
@@ -52,6 +58,12 @@ def feedback_report(
                         "tie_rate", "f_rate", "flagged", "reason"}],   # sorted by name
          "flagged": [{"name", "reason"}], "rule": "<the flagging rule in words>",
          "unknown_sets": n}                 # rankings of sets not in ``sets`` (still counted)
+
+    With ``scores`` (a pooled reward model's ``{(set_id, completion_id): reward}``, named by
+    ``reward``; ``own``: a labeller-conditioned model's scores per labeller) each labeller row also
+    holds ``"vs_model"``: :func:`~alignloop.preference.agreement.model_agreement`'s numbers plus
+    ``"reading"`` (:func:`~alignloop.preference.agreement.read_agreement`), and the report
+    ``"reward"``: the SPEC.
 
     ``tau_b`` is the labeller's leave-one-out Kendall tau-b against the mean rank of the
     other labellers (None when nobody else judged their sets); rates are None when the
@@ -67,6 +79,8 @@ def feedback_report(
         labellers_of_set[r.set_id].add(r.labeller)
     taus = leave_one_out_tau(rankings)
     flags = flag_labellers(rankings, rule)
+    vs_model = model_agreement(rankings, scores, own) if scores is not None else {}
+    readings = read_agreement(vs_model)
     rows = []
     for name in sorted(by_labeller):
         rs = by_labeller[name]
@@ -85,8 +99,13 @@ def feedback_report(
                 "reason": flags.get(name),
             }
         )
+        if scores is not None:
+            m = vs_model[name]
+            rows[-1]["vs_model"] = {k: _num(v) if isinstance(v, float) else v for k, v in m.items()} | {
+                "reading": readings[name]
+            }
     alpha = pairwise_alpha(rankings, level) if rankings else {"value": None, "level": level, "units": 0}
-    return {
+    out = {
         "n_sets": len(set_ids),
         "n_sets_labelled": len(labellers_of_set),
         "n_sets_multi": sum(1 for v in labellers_of_set.values() if len(v) >= 2),
@@ -97,6 +116,9 @@ def feedback_report(
         "rule": rule.describe,
         "unknown_sets": sum(1 for s in labellers_of_set if s not in set_ids) if sets else 0,
     }
+    if scores is not None:
+        out["reward"] = reward
+    return out
 
 
 @plain_text
@@ -164,6 +186,7 @@ def report_html(report: dict[str, Any], png: bytes | None = None) -> str:
         for r in report["labellers"]
     )
     flagged = ", ".join(esc(f["name"]) for f in report["flagged"]) or "none"
+    vs = _vs_model_html(report)
     body = f"""<h1>Feedback report</h1>
 <p class="big">Krippendorff's alpha ({esc(a["level"])}, over pairwise outcomes):
 <b id="alpha">{_fmt(a["value"])}</b> on {a.get("units", 0)} pairs judged by two or more labellers.</p>
@@ -178,8 +201,36 @@ def report_html(report: dict[str, Any], png: bytes | None = None) -> str:
 </tbody></table>
 <p><small>Rule: {esc(report["rule"])}. Tau-b compares each labeller's ranking with the mean rank
 the other labellers gave the same set (F counts as the lowest rank); alpha 1 = perfect agreement,
-0 = chance. Rules of thumb: alpha &ge; 0.8 reliable, &ge; 0.667 tentative.</small></p>"""
+0 = chance. Rules of thumb: alpha &ge; 0.8 reliable, &ge; 0.667 tentative.</small></p>{vs}"""
     return html_page("alignloop feedback report", STYLE, body)
+
+
+def _vs_model_html(report: dict[str, Any]) -> str:
+    """The per-labeller table against the pooled reward model ("" when the report has none)."""
+    if "reward" not in report:
+        return ""
+    rows = "\n".join(
+        "<tr><td>{name}</td><td>{n}</td><td>{m}</td><td>{c}</td><td>{k}</td><td>{o}</td><td>{r}</td></tr>".format(
+            name=esc(r["name"]),
+            n=r["vs_model"]["pairs"],
+            m=_fmt(r["vs_model"]["model"], pct=True),
+            c=_fmt(r["vs_model"]["model_clear"], pct=True),
+            k=_fmt(r["vs_model"]["consensus"], pct=True),
+            o=_fmt(r["vs_model"]["own"], pct=True),
+            r=esc(r["vs_model"]["reading"]),
+        )
+        for r in report["labellers"]
+    )
+    return f"""
+<h2>Against the pooled reward model</h2>
+<p>Reward model: <code>{esc(report["reward"] or "")}</code>. Share of each labeller's ordered pairs
+the model scores the same way: all of them, those it is sure of (score gap at or above the
+median), the others' consensus, and their own output of a labeller-conditioned model.</p>
+<table id="vs-model"><thead><tr><th>labeller</th><th>pairs</th><th>pooled model</th><th>model, sure</th>
+<th>others</th><th>own output</th><th>reading</th></tr></thead>
+<tbody>
+{rows}
+</tbody></table>"""
 
 
 def write_report(report: dict[str, Any], out: str | Path) -> dict[str, Path]:
