@@ -46,7 +46,7 @@ def test_heads_entries_and_loss_by_hand(tmp_path):
         pick(rewards, chosen)
 
 
-def test_per_labeller_heads_learn_a_different_taste_and_round_trip(tiny_gpt2, tmp_path):
+def test_per_labeller_heads_learn_a_different_taste_and_round_trip(tiny_gpt2, tmp_path, cli):
     train = write(tmp_path / "train.jsonl", per_labeller_pairs(make_sets(48, seed=0)))
     held = per_labeller_pairs(make_sets(16, seed=1))
     held_file = write(tmp_path / "eval.jsonl", held)
@@ -71,6 +71,18 @@ def test_per_labeller_heads_learn_a_different_taste_and_round_trip(tiny_gpt2, tm
     assert accuracy(rm, "bo") == pytest.approx(by["bo"]["pooled_head"])
     with pytest.raises(UserError, match="ann, bo, cy"):
         load_reward(f"{rm}:nobody")
+    # PPO aimed at a labeller the model does not know: one error naming those it does, no run folder
+    prompts = write(
+        tmp_path / "prompts.jsonl", [{"id": f"p{i}", "prompt": r["prompt"]} for i, r in enumerate(held[:4])]
+    )
+    for spec, heldout in ((f"{rm}:nobody", []), (rm, ["--set", f"heldout={rm}:nobody"])):
+        code, _, err = cli(
+            "ppo", "--policy", str(tiny_gpt2), "--reward", spec, "--prompts", str(prompts),
+            "--out", str(tmp_path / "ppo"), *heldout,
+        )  # fmt: skip
+        errors = [x for x in err.splitlines() if "error:" in x]  # (err also holds the training's log)
+        assert code == 2 and len(errors) == 1 and "ann, bo, cy" in errors[0] and "Traceback" not in err, err
+        assert not (tmp_path / "ppo").exists()
 
 
 def test_per_labeller_needs_pairs_that_name_a_labeller(tiny_gpt2, tmp_path, cli):

@@ -50,6 +50,13 @@ def register(sub) -> None:
         "--lora", action="store_true", help="train a LoRA adapter (the reference is the adapter disabled)"
     )
     p.add_argument(
+        "--labeller",
+        action="append",
+        metavar="NAME",
+        help="train on this labeller's pairs only (repeat for a group: pairs naming only them); "
+        "pairs from 'feedback export --consensus none' (config key target_labellers)",
+    )
+    p.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint; skip a finished run"
     )
     add_config_args(p)
@@ -64,8 +71,10 @@ def _dpo(args: argparse.Namespace) -> int:
     if args.online:
         from alignloop.rl.online_dpo import OnlineDPOConfig, run_online_dpo
 
-        if args.pairs or args.heldout:
-            raise UserError("--online samples its own pairs", fix="drop --pairs/--heldout, or drop --online")
+        if args.pairs or args.heldout or args.labeller:
+            raise UserError(
+                "--online samples its own pairs", fix="drop --pairs/--heldout/--labeller, or drop --online"
+            )
         if not args.prompts:
             raise UserError("--online needs --prompts FILE (the prompts the policy samples from)")
         cfg = load_config(OnlineDPOConfig, path=args.config, overrides=args.overrides)
@@ -87,6 +96,8 @@ def _dpo(args: argparse.Namespace) -> int:
             cfg.lora = LoraSettings()
         if args.chat_template:
             cfg.chat_template = args.chat_template
+        if args.labeller:
+            cfg.target_labellers = list(dict.fromkeys(args.labeller))
         metrics = train_dpo(
             args.policy, args.pairs, args.out, cfg, resume=args.resume, heldout_path=args.heldout
         )

@@ -82,7 +82,7 @@ from alignloop.models import (
     make_optimizer,
     token_logprobs,
 )
-from alignloop.records import Pair, read
+from alignloop.records import Pair, iter_jsonl, read
 from alignloop.runs import StageRun, progress, say, stage_guard, start_stage
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -285,6 +285,9 @@ class DPOConfig(Config):
     # Jinja chat template file for conversational pairs (default: the tokenizer's own; alignloop.chat)
     chat_template: str | None = None
     share_prompt: bool = True  # run each prompt once for both responses (KV cache / encoder output)
+    # train on one labeller's (or a group's) pairs only: those naming labellers all in this list
+    # (feedback export --consensus none names one a pair; issue 28); --labeller NAME on the command line
+    target_labellers: list[str] | None = None
     seed: int = 0
     device: str | None = None  # None: cuda if present, else cpu
 
@@ -329,6 +332,39 @@ def split_heldout(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[P
     if not train:  # tiny files: never hold out everything
         return held, []
     return train, held
+
+
+def is_target(labellers: list[str] | None, target: list[str]) -> bool:
+    """A pair is the target's when it names at least one labeller and every one it names is in
+    ``target`` (one labeller: their own pairs, ``feedback export --consensus none``; a group: also
+    consensus pairs formed within the group). A pair naming nobody is nobody's."""
+    return bool(labellers) and set(labellers) <= set(target)  # type: ignore[arg-type]
+
+
+def check_target(pairs_path: str | Path, target: list[str]) -> int:
+    """How many pairs of ``pairs_path`` are the target's (:func:`is_target`); one UserError (before
+    anything is written) when a target labeller names no pair of the file, listing those that do,
+    or when none of its pairs is the target's."""
+    rows = [row.get("labellers") or [] for _, row in iter_jsonl(pairs_path)]
+    present = sorted({n for names in rows for n in names if isinstance(n, str)})
+    unknown = [n for n in target if n not in present]
+    if unknown:
+        raise UserError(
+            f"no pair names the labeller{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}",
+            str(pairs_path),
+            f"target one of: {', '.join(present)}"
+            if present
+            else "these pairs name no labeller: export each labeller's own pairs with "
+            "alignloop feedback export --consensus none",
+        )
+    n = sum(is_target(names, target) for names in rows)
+    if not n:
+        raise UserError(
+            f"no pair is only {', '.join(target)}'s: every pair naming them also names another labeller",
+            str(pairs_path),
+            "export each labeller's own pairs: alignloop feedback export --consensus none",
+        )
+    return n
 
 
 def tokenize_pairs(
@@ -720,6 +756,8 @@ def train_dpo(
     inputs: dict[str, str | Path] = {"policy": str(policy_id), "pairs": str(pairs_path)}
     if heldout_path is not None:
         inputs["heldout"] = str(heldout_path)
+    if cfg.target_labellers:  # an unknown labeller: one error, no run folder
+        check_target(pairs_path, cfg.target_labellers)
     run = start_stage(out, "dpo", config=cfg, inputs=inputs, seed=cfg.seed, resume=resume)
     if run.skipped:
         return run.metrics
@@ -743,6 +781,9 @@ def _train(
     # through the chat template (prompt with the generation prompt; chosen/rejected its continuations)
     tok = use_chat_template(load_tokenizer(policy_id), cfg.chat_template)
     pairs = read(pairs_path, Pair, tokenizer=tok)
+    if cfg.target_labellers:
+        n_all, pairs = len(pairs), [p for p in pairs if is_target(p.labellers, cfg.target_labellers)]
+        say(f"[dpo] target {', '.join(cfg.target_labellers)}: {len(pairs)} of {n_all} pairs are theirs")
     for i, p in enumerate(pairs, 1):
         if not 0 <= p.weight <= 1:
             raise UserError(
@@ -766,7 +807,10 @@ def _train(
             raise UserError("every pair has identical chosen and rejected texts", str(pairs_path))
         say(f"[dpo] skipped {len(same)} pairs whose chosen and rejected texts are identical")
     if heldout_path is not None:
-        train_pairs, held_pairs = pairs, read_labels(read(heldout_path, Pair, tokenizer=tok), cfg.labels)[0]
+        held_pairs = read(heldout_path, Pair, tokenizer=tok)
+        if cfg.target_labellers:  # measured on the target's held-out pairs too
+            held_pairs = [p for p in held_pairs if is_target(p.labellers, cfg.target_labellers)]
+        train_pairs, held_pairs = pairs, read_labels(held_pairs, cfg.labels)[0]
     else:
         train_pairs, held_pairs = split_heldout(pairs, cfg.heldout_fraction, cfg.seed)
 

@@ -366,11 +366,32 @@ def labeller_index(model: Any, labeller: str | None, where: str = "") -> int:
     names = conditioned_labellers(model)
     if labeller in names:
         return 1 + names.index(labeller)
-    raise UserError(
+    raise _not_conditioned_on(labeller, names, where)
+
+
+def _not_conditioned_on(labeller: str | None, names: list[str], where: str) -> UserError:
+    return UserError(
         f"labeller {labeller!r} is not one this reward model was conditioned on",
         where or None,
         f"target one of: {', '.join(names)} (DIR:NAME), or give DIR alone for the pooled reward",
     )
+
+
+def check_labeller(spec: str) -> None:
+    """Before anything is loaded or written: a SPEC ``DIR:NAME`` naming a labeller-conditioned reward
+    model's folder and a labeller it was not conditioned on is the :func:`labeller_index` error (read
+    from ``DIR/config.json`` alone). Any other SPEC passes here and is checked when it loads."""
+    left, sep, name = spec.rpartition(":")
+    config = Path(left) / "config.json" if sep and left else None
+    if config is None or not config.is_file():
+        return
+    try:
+        meta = json.loads(config.read_text(encoding="utf-8")).get("alignloop_reward") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # not ours to judge here: loading says what is wrong with it
+    names = list(meta.get("labellers") or []) if isinstance(meta, dict) else []
+    if names and name not in names:
+        raise _not_conditioned_on(name, names, left)
 
 
 def encode_texts(model: Any, tok: Any, texts: list[str], max_length: int) -> list[list[int]]:

@@ -457,8 +457,12 @@ def open_run(
     """
     from alignloop.chat import use_chat_template
     from alignloop.models import load_tokenizer
+    from alignloop.reward.functions import check_labeller
     from alignloop.runs import start_stage
 
+    for spec in (reward, cfg.heldout):  # DIR:NAME with a labeller the model lacks: one error, no run folder
+        if isinstance(spec, str):
+            check_labeller(spec)
     prompt_path = None if isinstance(prompts, (list, tuple)) else Path(prompts)
     tok = use_chat_template(load_tokenizer(policy_id), cfg.chat_template)  # conversations -> its template
     texts, chat = (list(prompts), frozenset()) if prompt_path is None else read_prompt_texts(prompt_path, tok)
