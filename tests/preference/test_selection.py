@@ -144,3 +144,11 @@ def test_recipe_uncertainty_without_a_reward_model_is_refused(tmp_path):
 
     with pytest.raises(UserError, match="needs a reward model to select with"):
         load_recipe(RECIPES / "demo.yaml", ["label.select=uncertainty", "label.budget=10"])
+
+
+def test_recipe_budget_zero_is_refused_at_load():
+    from alignloop.loop import RECIPES, load_recipe
+
+    with pytest.raises(UserError, match="label.budget.*greater than or equal to 1"):
+        load_recipe(RECIPES / "demo.yaml", ["label.budget=0"])
+    assert load_recipe(RECIPES / "demo.yaml", ["label.budget=1"]).label.budget == 1
