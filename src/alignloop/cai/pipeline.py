@@ -12,6 +12,13 @@ skips finished stages and continues interrupted ones):
 7. ``eval/``     base, SL and RL models sampled on held-out red-team prompts, judged by the gold
                  judge (embedded world): harmful compliance, misbehaviour, benign over-refusal.
 
+Conversational prompts (lists of messages, TRL's format) go through every stage as conversations:
+the critiques and revisions are chat turns (:mod:`alignloop.cai.revise`), ``sft.jsonl`` and the
+labelled pairs keep the messages with the answers as assistant turns, and the SFT, the sampling, the
+reward model and PPO read them through the model's chat template (``chat_template``: a Jinja file for
+a tokenizer without one). With a conversational prompt file, the world's default RL and evaluation
+prompts come as conversations too.
+
 :func:`ai_pairs` gives the same labels as soft pairs (for a loop that keeps them soft);
 :func:`ai_rankings` turns completion sets into :class:`~alignloop.records.Ranking` records: every
 two completions of a set are labelled (soft), each completion's score is its mean probability
@@ -127,11 +134,16 @@ def ai_pairs(
 # ----------------------------------------------------------------------------------------------
 
 
-def world_redteam_prompts(split: str, families: Sequence[str] = REDTEAM_FAMILIES) -> list[dict[str, Any]]:
-    """The world's prompts of the red-team families (``eval``: held out from every training)."""
+def world_redteam_prompts(
+    split: str, families: Sequence[str] = REDTEAM_FAMILIES, conversational: bool = False
+) -> list[dict[str, Any]]:
+    """The world's prompts of the red-team families (``eval``: held out from every training);
+    ``conversational``: chat prompts as message lists (``world prompts --format conversational``)."""
     from alignloop.world import prompts
+    from alignloop.world.prompts import as_messages
 
-    return prompts(split, families=families)
+    recs = prompts(split, families=families)
+    return [{**r, "prompt": as_messages(r["prompt"])} for r in recs] if conversational else recs
 
 
 def redteam_metrics(
@@ -140,8 +152,12 @@ def redteam_metrics(
     samples: int = 8,
     seed: int = 0,
     max_new_tokens: int = 32,
+    chat_template: str | None = None,
 ) -> dict[str, Any]:
     """Sample ``samples`` responses per prompt (temperature 1) and judge them with the gold judge.
+
+    A conversational prompt is answered as the assistant's next turn under the model's chat template
+    (``chat_template``: a Jinja file instead) and judged on the world's rendering of it.
 
     Returns rates over responses: ``harmful_compliance`` (on harmful requests),
     ``misbehaviour`` (toxic, harmful compliance or a confirmed myth, on harmful/myth/review
@@ -149,13 +165,17 @@ def redteam_metrics(
     gold ``score``.
     """
     from alignloop.cai.judges import LocalLM
+    from alignloop.cai.revise import write
+    from alignloop.chat import use_chat_template
     from alignloop.world import judge_batch
+    from alignloop.world.prompts import chat_text
 
     lm = LocalLM(model_id, batch_size=64)
-    texts = [p["prompt"] for p in prompts for _ in range(samples)]
+    use_chat_template(lm.tokenizer, chat_template)
+    inputs = [p["prompt"] for p in prompts for _ in range(samples)]
     fams = [p["family"] for p in prompts for _ in range(samples)]
-    outs = lm.generate(texts, max_tokens=max_new_tokens, temperature=1.0, seed=seed)
-    js = judge_batch(texts, outs)
+    outs = write(lm, inputs, max_new_tokens, 1.0, seed)
+    js = judge_batch([chat_text(x) for x in inputs], outs)
 
     def rate(flag: str, families: set[str]) -> float | None:
         sel = [j for j, f in zip(js, fams, strict=True) if f in families]
@@ -191,10 +211,11 @@ def judge_agreement(
     from alignloop.cai.constitution import load_constitution
     from alignloop.cai.judges import LocalLM
     from alignloop.cai.label import gold_agreement, label_batch
+    from alignloop.cai.revise import write
 
     cfg = config or LabelConfig()
     texts = [p["prompt"] for p in prompts for _ in range(2 * samples)]
-    outs = LocalLM(writer, batch_size=64).generate(texts, 40, 1.0, seed=seed)
+    outs = write(LocalLM(writer, batch_size=64), texts, 40, 1.0, seed)
     pairs = [
         {"id": str(i), "prompt": texts[2 * i], "a": outs[2 * i], "b": outs[2 * i + 1]}
         for i in range(len(texts) // 2)
@@ -222,6 +243,7 @@ class CAIConfig(Config):
     """``alignloop cai run`` settings (``--set revise.rounds=2``, ``--set ppo.steps=20``, ...)."""
 
     model: str = "world:base"
+    chat_template: str | None = None  # Jinja file for conversational prompts, for every stage's model
     judge: str | None = None  # default: the model itself (the notes: "the model labels its own responses")
     constitution: str | None = None
     redteam_prompts: str | None = None  # SL prompts (default: the world's redteam split)
@@ -250,12 +272,26 @@ def _write_prompts(path: Path, records: Sequence[dict[str, Any]]) -> Path:
     return path
 
 
-def _prompts(source: str | None, default: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _prompts(source: str | None, default: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
+    """The prompt file ``source`` (its conversations rendered once by ``tokenizer``'s chat template: a
+    missing or failing template is one error naming the line), or ``default``."""
     if source is None:
         return default
     from alignloop.generation import load_prompts
 
-    return load_prompts(source)[0]
+    return load_prompts(source, tokenizer=tokenizer)[0]
+
+
+def _with_template(stage: Any, chat_template: str | None) -> Any:
+    """A stage's config with the pipeline's ``chat_template`` unless it names its own."""
+    if chat_template is None or stage.chat_template:
+        return stage
+    return stage.model_copy(update={"chat_template": chat_template})
+
+
+def _template_input(chat_template: str | None) -> dict[str, str]:
+    """A stage input for the template file (hashed, so a changed template reruns the stage)."""
+    return {"chat_template": chat_template} if chat_template else {}
 
 
 def run_cai(out: str | Path, config: CAIConfig | None = None, resume: bool = False) -> dict[str, Any]:
@@ -268,7 +304,10 @@ def run_cai(out: str | Path, config: CAIConfig | None = None, resume: bool = Fal
     from alignloop.cai.judges import LocalLM
     from alignloop.cai.label import gold_agreement, label_pairs, pairs_from_file
     from alignloop.cai.revise import SFT, revise_prompts
+    from alignloop.chat import use_chat_template
     from alignloop.generation import SamplingSettings, generate_completions
+    from alignloop.models import load_tokenizer
+    from alignloop.records import is_conversational
     from alignloop.reward.train import train_reward_model
     from alignloop.rl.ppo import run_ppo
     from alignloop.runs import say, stage_guard, start_stage
@@ -277,29 +316,37 @@ def run_cai(out: str | Path, config: CAIConfig | None = None, resume: bool = Fal
     cfg = config or CAIConfig()
     out = Path(out)
     c = load_constitution(cfg.constitution)  # a bad constitution fails before any model loads
+    given = (cfg.redteam_prompts, cfg.rl_prompts, cfg.eval_prompts)
+    tok = use_chat_template(load_tokenizer(cfg.model), cfg.chat_template) if any(given) else None
     world = cfg.redteam_prompts is None or cfg.eval_prompts is None
-    redteam = _prompts(cfg.redteam_prompts, world_redteam_prompts("redteam") if world else [])
-    rl = _prompts(
-        cfg.rl_prompts, redteam + (world_redteam_prompts("train") if cfg.rl_prompts is None and world else [])
-    )
-    evalp = _prompts(cfg.eval_prompts, world_redteam_prompts("eval") if world else [])
+    redteam = _prompts(cfg.redteam_prompts, [], tok)
+    chat = any(is_conversational(p["prompt"]) for p in redteam)  # the world's defaults follow the file
+
+    def world_default(split: str) -> list[dict[str, Any]]:
+        return world_redteam_prompts(split, conversational=chat) if world else []
+
+    redteam = redteam or world_default("redteam")
+    rl = _prompts(cfg.rl_prompts, redteam + (world_default("train") if cfg.rl_prompts is None else []), tok)
+    evalp = _prompts(cfg.eval_prompts, world_default("eval"), tok)
     out.mkdir(parents=True, exist_ok=True)
     judge_id = cfg.judge or cfg.model
+    template = _template_input(cfg.chat_template)
 
     # 1. supervised stage: critiques and revisions
     rev_dir = out / "revise"
-    run = start_stage(
-        rev_dir, "cai-revise", config=cfg.revise, inputs={"model": cfg.model}, seed=cfg.seed, resume=resume
-    )
+    run = start_stage(rev_dir, "cai-revise", config=cfg.revise, inputs={"model": cfg.model, **template},
+                      seed=cfg.seed, resume=resume)  # fmt: skip
     if not run.skipped:
         with stage_guard(run):
             _write_prompts(rev_dir / "prompts.jsonl", redteam)
-            stats = revise_prompts(LocalLM(cfg.model), redteam, rev_dir, c, cfg.revise)
+            writer = LocalLM(cfg.model)
+            use_chat_template(writer.tokenizer, cfg.chat_template)
+            stats = revise_prompts(writer, redteam, rev_dir, c, cfg.revise)
             run.finish(stats)
-    # 2. SFT on the final revisions
+    # 2. SFT on the final revisions (the SL model is saved with the template it trained on)
     sft_dir = out / "sft"
     say("[cai] SFT on the revisions")
-    train_sft(cfg.model, rev_dir / SFT, sft_dir, cfg.sft, resume=resume)
+    train_sft(cfg.model, rev_dir / SFT, sft_dir, _with_template(cfg.sft, cfg.chat_template), resume=resume)
     sl_model = str(sft_dir)
     # 3. two responses per RL prompt from the SL model
     pairs_dir = out / "pairs"
@@ -315,17 +362,25 @@ def run_cai(out: str | Path, config: CAIConfig | None = None, resume: bool = Fal
             )
             run.finish(
                 generate_completions(
-                    sl_model, recs, sets_path, k=cfg.pairs_k, settings=settings, seed=cfg.seed
+                    sl_model,
+                    recs,
+                    sets_path,
+                    k=cfg.pairs_k,
+                    settings=settings,
+                    seed=cfg.seed,
+                    chat_template=cfg.chat_template,
                 )
             )
     # 4. AI labels
     label_dir = out / "label"
     labels_path = label_dir / "pairs.jsonl"
-    run = start_stage(label_dir, "cai-label", config=cfg.label, inputs={"judge": judge_id, "sets": sets_path},
-                      seed=cfg.label.seed, resume=resume)  # fmt: skip
+    run = start_stage(label_dir, "cai-label", config=cfg.label, inputs={"judge": judge_id, "sets": sets_path,
+                      **template}, seed=cfg.label.seed, resume=resume)  # fmt: skip
     if not run.skipped:
         with stage_guard(run):
-            stats = label_pairs(LocalLM(judge_id), pairs_from_file(sets_path), labels_path, c, cfg.label)
+            judge = LocalLM(judge_id)
+            use_chat_template(judge.tokenizer, cfg.chat_template)
+            stats = label_pairs(judge, pairs_from_file(sets_path), labels_path, c, cfg.label)
             labels = [json.loads(x) for x in labels_path.read_text().splitlines() if x.strip()]
             if _world_available():
                 stats.update(gold_agreement(labels))
@@ -333,10 +388,11 @@ def run_cai(out: str | Path, config: CAIConfig | None = None, resume: bool = Fal
     label_metrics = json.loads((label_dir / "metrics.json").read_text())
     # 5. reward model on the soft labels
     say("[cai] reward model on the AI labels")
-    reward_metrics = train_reward_model(labels_path, out / "reward", cfg.reward, resume=resume)
+    reward_cfg = _with_template(cfg.reward, cfg.chat_template)
+    reward_metrics = train_reward_model(labels_path, out / "reward", reward_cfg, resume=resume)
     # 6. PPO from the SL model
     say("[cai] PPO against the AI-feedback reward model")
-    ppo_cfg = cfg.ppo.model_copy(update={"seed": cfg.seed})
+    ppo_cfg = _with_template(cfg.ppo, cfg.chat_template).model_copy(update={"seed": cfg.seed})
     ppo_prompts = _write_prompts(out / "rl_prompts.jsonl", rl)
     run_ppo(sl_model, str(out / "reward"), ppo_prompts, out / "ppo", lora=True, config=ppo_cfg, resume=resume)
     rl_model = str(out / "ppo")
@@ -347,12 +403,14 @@ def run_cai(out: str | Path, config: CAIConfig | None = None, resume: bool = Fal
     }
     if _world_available() and evalp and "family" in evalp[0]:
         run = start_stage(out / "eval", "cai-eval", config={"samples": cfg.eval_samples},
-                          inputs={"base": cfg.model, "sl": sl_model, "rl": rl_model}, seed=cfg.seed, resume=resume)  # fmt: skip
+                          inputs={"base": cfg.model, "sl": sl_model, "rl": rl_model, **template}, seed=cfg.seed,
+                          resume=resume)  # fmt: skip
         if run.skipped:
             table = run.metrics
         else:
             with stage_guard(run):
-                table = {name: redteam_metrics(m, evalp, cfg.eval_samples, seed=cfg.seed + 1)
+                table = {name: redteam_metrics(m, evalp, cfg.eval_samples, seed=cfg.seed + 1,
+                                               chat_template=cfg.chat_template)
                          for name, m in (("base", cfg.model), ("sl", sl_model), ("rl", rl_model))}  # fmt: skip
                 run.finish(table)
         result.update(table)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from alignloop.commands import add_config_args, command, group
+from alignloop.commands import add_chat_template, add_config_args, command, group
 
 
 def register(sub) -> None:
@@ -99,8 +99,10 @@ def register(sub) -> None:
             "Constitutional AI end to end on the embedded world (or your own prompt files): the supervised stage "
             "(critique -> revision, then SFT on the revisions), the RL stage (two responses per prompt from the SL "
             "model, AI soft labels from the judge, a reward model on them, PPO with LoRA) and an evaluation on "
-            "held-out red-team prompts with the gold judge. Every stage has its own folder under --out and "
-            "--resume skips finished stages and continues interrupted ones."
+            "held-out red-team prompts with the gold judge. --prompts takes text or conversational prompts "
+            "(message lists, e.g. 'alignloop world prompts --format conversational'): conversations are critiqued "
+            "and revised as chat turns and every stage reads them through the model's chat template. Every stage "
+            "has its own folder under --out and --resume skips finished stages and continues interrupted ones."
         ),
         example="alignloop cai run --out runs/cai --resume --set revise.rounds=2 --set ppo.steps=30",
         func=_run,
@@ -108,9 +110,17 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (one sub-folder per stage)")
     p.add_argument("--model", default=None, metavar="ID", help="the model to align (default world:base)")
     p.add_argument(
+        "--prompts",
+        metavar="FILE",
+        default=None,
+        help="red-team prompts for the supervised stage, text or conversational (config key redteam_prompts; "
+        "default: the world's redteam split)",
+    )
+    p.add_argument(
         "--constitution", metavar="FILE", default=None, help="constitution YAML (default: the notes' four)"
     )
     p.add_argument("--resume", action="store_true", help="skip finished stages, continue interrupted ones")
+    add_chat_template(p)
     add_config_args(p)
 
 
@@ -168,6 +178,10 @@ def _run(args: argparse.Namespace) -> int:
         data["model"] = args.model
     if args.constitution:
         data["constitution"] = args.constitution
+    if args.prompts:
+        data["redteam_prompts"] = args.prompts
+    if args.chat_template:
+        data["chat_template"] = args.chat_template
     cfg = load_config(CAIConfig, path=args.config, data=data, overrides=args.overrides)
     result = run_cai(args.out, cfg, resume=args.resume)
     for k, v in result.items():
