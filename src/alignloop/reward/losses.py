@@ -95,6 +95,20 @@ def grouped_pairwise_loss(
     )
 
 
+def shrink_penalty(rewards: Tensor) -> Tensor:
+    """How far the labellers' outputs sit from the pooled one: ``(N, H)`` rewards -> scalar
+
+        mean over n and l >= 1 of (r[n, l] - r[n, 0])^2
+
+    (reward units squared; 0 for ``(N,)`` rewards or ``H = 1``). Added as ``labeller_shrink x``
+    this to a labeller-conditioned model's loss it shrinks each labeller's output toward the pooled
+    one: a labeller whose choices the pool already explains keeps the pool's scores.
+    """
+    if rewards.dim() == 1 or rewards.shape[1] == 1:
+        return rewards.new_zeros(())
+    return (rewards[:, 1:] - rewards[:, :1]).pow(2).mean()
+
+
 def pair_accuracy(r_chosen: Tensor, r_rejected: Tensor, label: Tensor | None = None) -> tuple[float, int]:
     """Fraction of pairs the rewards order like the labels, and how many pairs counted.
 

@@ -77,7 +77,7 @@ from alignloop.models import (
 from alignloop.records import full_text
 from alignloop.reward.data import Group, read_pairs, split_groups
 from alignloop.reward.functions import encode_texts, model_max_length, pad_right
-from alignloop.reward.losses import grouped_pairwise_loss, pair_accuracy, pick
+from alignloop.reward.losses import grouped_pairwise_loss, pair_accuracy, pick, shrink_penalty
 from alignloop.runs import progress, say, stage_guard, start_stage, write_json_atomic
 
 
@@ -111,6 +111,10 @@ class RewardTrainConfig(Config):
     # one reward head per labeller beside the pooled one, over the shared trunk (pairs naming one labeller
     # each: feedback export --consensus none); score as a labeller with the SPEC DIR:NAME
     per_labeller: bool = False
+    # per_labeller: + labeller_shrink x mean (r_labeller - r_pooled)^2 over the batch's completions
+    # (losses.shrink_penalty): each labeller's output is pulled toward the pooled one. 0 (off): 0.01
+    # and 0.1 were measured and neither holds every cell (docs/labelling.md, "One labeller's taste")
+    labeller_shrink: float = Field(0.0, ge=0)
     lora: LoraSettings | None = None
     max_grad_norm: float = 1.0
     disable_dropout: bool = True
@@ -768,6 +772,8 @@ def _train(
                 rewards, batch["chosen_index"], batch["rejected_index"], batch["label"], batch["margin"],
                 batch["head"],
             )  # fmt: skip
+            if cfg.labeller_shrink:
+                local = local + cfg.labeller_shrink * shrink_penalty(rewards)
             # sum of local pair losses * world / global pairs: DDP's mean of the gradients is then the
             # gradient of the global batch's mean loss, whatever the number of processes
             loss = local * (scale * len(batch["label"]) * world / max(global_pairs, 1))
