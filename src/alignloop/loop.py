@@ -460,13 +460,19 @@ def _label_by_humans(db: str, project: str, cfg: LabelSection) -> dict[str, int]
     return {row["name"]: row["done"] for row in prog.get("labellers", [])}
 
 
-def stage_export(recipe: Recipe, label: dict[str, Path], folder: Path, resume: bool) -> Path:
+def stage_export(
+    recipe: Recipe, label: dict[str, Path], folder: Path, resume: bool, model: str | None = None
+) -> Path:
+    """Consensus pairs of the label stage's rankings and the feedback report (``folder/feedback``);
+    ``model``: the run's current reward model, against which the report places each labeller."""
     from alignloop.preference.export import export_pairs
-    from alignloop.preference.report import feedback_report, write_report
+    from alignloop.preference.report import feedback_report, reward_scores, write_report
 
     cfg = recipe.export
     out = folder / "pairs.jsonl"
-    inputs = dict(label) if cfg.import_pairs is None else {"import": cfg.import_pairs}
+    inputs: dict[str, Any] = dict(label) if cfg.import_pairs is None else {"import": cfg.import_pairs}
+    if model is not None and cfg.import_pairs is None and "ai_pairs" not in label:
+        inputs["reward_model"] = model
     run = start_stage(folder, "export", config=cfg, inputs=inputs, seed=recipe.seed, resume=resume)
     if run.skipped:
         return out
@@ -482,7 +488,8 @@ def stage_export(recipe: Recipe, label: dict[str, Path], folder: Path, resume: b
     with stage_guard(run):
         sets = read(label["sets"], CompletionSet)
         rankings = read(label["rankings"], Ranking)
-        report = feedback_report(sets, rankings)
+        scores, own = reward_scores(model, sets) if "reward_model" in inputs else (None, None)
+        report = feedback_report(sets, rankings, scores=scores, own=own, reward=inputs.get("reward_model"))
         write_report(report, folder / "feedback")
         flagged = {f["name"] for f in report["flagged"]}
         for f in report["flagged"]:
@@ -789,8 +796,8 @@ def _run_stages(recipe: Recipe, out: Path, resume: bool, summary: dict[str, Any]
                 # the current reward model: the previous round's (round 1: label.select_reward or reward.spec)
                 select_with = (recipe.label.select_reward or reward) if r == 1 else reward
                 label = stage_label(recipe, sets, base / "label", resume, policy, select_with)
-                if "export" in st:
-                    pairs = stage_export(recipe, label, base / "export", resume)
+                if "export" in st:  # the report places each labeller against the current reward model
+                    pairs = stage_export(recipe, label, base / "export", resume, select_with)
         elif "export" in st and recipe.export.import_pairs is not None and pairs is None:
             pairs = stage_export(recipe, {}, base / "export", resume)
         if "reward" in st and recipe.reward.spec is None:

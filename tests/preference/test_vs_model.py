@@ -89,3 +89,21 @@ def test_report_and_cli_with_a_reward(tmp_path, cli):
     assert code == 2 and err.count("error:") == 1 and not (tmp_path / "bad").exists(), err
     code, _, err = cli("feedback", "report", "--rankings", str(tmp_path / "rankings.jsonl"), "--out", str(tmp_path / "b2"), "--reward", "world:gold")  # fmt: skip
     assert code == 2 and "--sets" in err and not (tmp_path / "b2").exists()
+
+
+def test_the_runs_export_report_places_labellers_against_the_current_reward_model(tmp_path):
+    from alignloop.loop import RECIPES, load_recipe, stage_export
+
+    sets, rankings, kind, _ = _labelled(seed=2, n=20)
+    label = {"sets": tmp_path / "sets.jsonl", "rankings": tmp_path / "rankings.jsonl"}
+    write_jsonl(label["sets"], sets)
+    write_jsonl(label["rankings"], rankings)
+    recipe = load_recipe(RECIPES / "demo.yaml", [])
+    stage_export(recipe, label, tmp_path / "export", False, "world:gold")
+    rep = json.loads((tmp_path / "export" / "feedback" / "report.json").read_text())
+    assert rep["reward"] == "world:gold" and all("reading" in r["vs_model"] for r in rep["labellers"])
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert "reward_model" in manifest["inputs"]
+    stage_export(recipe, label, tmp_path / "plain", False)  # round 1 without a reward model: as before
+    rep = json.loads((tmp_path / "plain" / "feedback" / "report.json").read_text())
+    assert "reward" not in rep and all("vs_model" not in r for r in rep["labellers"])

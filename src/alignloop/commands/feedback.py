@@ -140,11 +140,11 @@ def _inputs(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from alignloop.preference.report import feedback_report, write_report
+    from alignloop.preference.report import feedback_report, reward_scores, write_report
     from alignloop.runs import stage_guard, start_stage
 
     sets, rankings = _load(args, need_sets=bool(args.reward))
-    scores, own = _reward_scores(args.reward, sets) if args.reward else (None, None)
+    scores, own = reward_scores(args.reward, sets) if args.reward else (None, None)
     config = {"level": args.level, "reward": args.reward}
     run = start_stage(args.out, "feedback-report", config=config, inputs=_inputs(args))
     with stage_guard(run):
@@ -176,23 +176,6 @@ def _report(args: argparse.Namespace) -> int:
         print(f"flagged {f['name']}: {f['reason']}")
     print(f"wrote {paths['html']}")
     return 0
-
-
-def _reward_scores(spec: str, sets: list) -> tuple[dict, dict]:
-    """Every completion of ``sets`` scored by the reward SPEC (its pooled output), and, when it is
-    a labeller-conditioned model, by each labeller's output: ``(scores, {labeller: scores})``."""
-    from alignloop.reward import load_reward
-    from alignloop.reward.functions import conditioned_labellers
-
-    keys = [(s.set_id, c.id) for s in sets for c in s.completions]
-    prompts = [s.prompt for s in sets for c in s.completions]
-    texts = [c.text for s in sets for c in s.completions]
-    pooled = load_reward(spec)
-    scores = dict(zip(keys, pooled(prompts, texts), strict=True))
-    own = {}
-    for name in conditioned_labellers(pooled.model) if pooled.model is not None else []:
-        own[name] = dict(zip(keys, load_reward(f"{spec}:{name}")(prompts, texts), strict=True))
-    return scores, own
 
 
 def _export(args: argparse.Namespace) -> int:

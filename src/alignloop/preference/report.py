@@ -121,6 +121,24 @@ def feedback_report(
     return out
 
 
+def reward_scores(spec: str, sets: list[CompletionSet]) -> tuple[Scores, dict[str, Scores]]:
+    """Every completion of ``sets`` scored by the reward SPEC (its pooled output), and, when it is a
+    labeller-conditioned model, by each labeller's output: ``(scores, {labeller: scores})``, keyed
+    ``(set_id, completion_id)`` as :func:`feedback_report` takes them. Loads the model (torch)."""
+    from alignloop.reward import load_reward
+    from alignloop.reward.functions import conditioned_labellers
+
+    keys = [(s.set_id, c.id) for s in sets for c in s.completions]
+    prompts = [s.prompt for s in sets for c in s.completions]
+    texts = [c.text for s in sets for c in s.completions]
+    pooled = load_reward(spec)
+    scores = dict(zip(keys, pooled(prompts, texts), strict=True))
+    own = {}
+    for name in conditioned_labellers(pooled.model) if pooled.model is not None else []:
+        own[name] = dict(zip(keys, load_reward(f"{spec}:{name}")(prompts, texts), strict=True))
+    return scores, own
+
+
 @plain_text
 def agreement_plot_png(report: dict[str, Any]) -> bytes:
     """A bar chart of each labeller's leave-one-out tau-b (flagged ones in red), as PNG bytes."""
