@@ -89,3 +89,35 @@ def test_within_prompt_slope():
     values, lengths, groups = [10.0, 12.0, 14.0, -5.0, -3.0], [1.0, 2.0, 3.0, 4.0, 5.0], [0, 0, 0, 1, 1]
     assert within_slope(values, lengths, groups) == pytest.approx(2.0)
     assert within_slope([1.0, 2.0], [3.0, 3.0], [0, 1]) == 0.0  # no prompt with two lengths
+
+
+def test_partial_length_correction_scales_the_fitted_slope(cli, tiny_gpt2, tmp_path):
+    path = write(tmp_path / "pairs.jsonl", pairs_of(make_sets(30)))
+    args = ("-q", "reward", "train", "--model", tiny_gpt2, "--pairs", path, "--epochs", "1")
+    out = tmp_path / "rm"
+    code, _, err = cli(
+        *args, "--out", out, "--set", "length_correction=true", "--set", "length_correction_strength=0.5"
+    )
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["length_slope_fitted"] != 0.0
+    assert metrics["length_slope"] == pytest.approx(0.5 * metrics["length_slope_fitted"])
+    from alignloop.reward.functions import load_sequence_classifier
+
+    assert (
+        load_sequence_classifier(str(out))[0].config.alignloop_reward["length_slope"]
+        == metrics["length_slope"]
+    )
+    # a strength without the correction, or outside (0, 1]: one clear error each
+    code, _, err = cli(*args, "--out", tmp_path / "rm2", "--set", "length_correction_strength=0.5")
+    assert code != 0 and "length_correction=true" in err
+    code, _, err = cli(
+        *args,
+        "--out",
+        tmp_path / "rm3",
+        "--set",
+        "length_correction=true",
+        "--set",
+        "length_correction_strength=0",
+    )
+    assert code != 0 and "length_correction_strength" in err

@@ -108,6 +108,9 @@ class RewardTrainConfig(Config):
     # length correction: fit the reward's within-prompt slope per completion word on the training
     # completions and subtract it whenever the model scores (stored as config alignloop_reward.length_slope)
     length_correction: bool = False
+    # the share of the fitted slope subtracted (1: all of it); below 1 a partial correction, since the
+    # labels' preference for longer answers is partly right (docs/reward.md, "Length correction")
+    length_correction_strength: float = Field(1.0, gt=0, le=1)
     # one reward head per labeller beside the pooled one, over the shared trunk (pairs naming one labeller
     # each: feedback export --consensus none); score as a labeller with the SPEC DIR:NAME
     per_labeller: bool = False
@@ -623,6 +626,7 @@ def _train(
     from transformers import get_scheduler
 
     configure_threads()
+    _check_length_correction(cfg)
     # the checkpoint to resume from, verified before anything slow; every process reads the main
     # process's checkpoints (a shared folder when on several machines)
     ckpt = out / CHECKPOINTS
@@ -869,15 +873,19 @@ def _train(
         model.config.alignloop_reward.update(labellers=list(heads), offsets=offsets)
 
     # length correction (optional): the within-prompt slope of reward per word on the training completions
-    slope = 0.0
+    slope = fitted = 0.0
     if cfg.length_correction:
-        slope = within_slope(
+        fitted = within_slope(
             completion_rewards(model, train_enc, pad_id).tolist(),
             [word_length(c) for g in train_groups for c in g.completions],
             [n for n, g in enumerate(train_groups) for _ in g.completions],
         )
+        slope = partial_slope(fitted, cfg.length_correction_strength)
         model.config.alignloop_reward["length_slope"] = slope
-        say(f"[reward] length correction: {slope:+.4f} per word subtracted from every score")
+        say(
+            f"[reward] length correction: {slope:+.4f} per word subtracted from every score"
+            f" ({cfg.length_correction_strength:g} x the fitted {fitted:+.4f})"
+        )
     # the length diagnostic: correlation of the (final, corrected) reward with completion length, held out
     held_groups, held_enc = (eval_groups, eval_enc) if eval_enc else (train_groups, train_enc)
     held_len = [word_length(c) for g in held_groups for c in g.completions]
@@ -911,6 +919,7 @@ def _train(
         "reference_std_before": std,
         "length_correlation": length_corr,  # Pearson(reward, words) over held-out completions
         "length_slope": slope,  # subtracted per word when length_correction is on
+        "length_slope_fitted": fitted,  # before length_correction_strength scales it
         **(gold or {}),  # eval_gold_pairs, eval_labels_gold_agreement, eval_gold_agreement (world prompts)
         "skipped": skipped,
         "processes": world,
@@ -959,6 +968,25 @@ def only_head(encoded: Sequence[dict], made_for: int, score_with: int) -> list[d
                 }
             )
     return out
+
+
+def partial_slope(fitted: float, strength: float) -> float:
+    """The per-word slope a length-corrected model subtracts: ``strength * fitted``.
+
+    ``fitted``: the reward's within-prompt slope per word (``evaluation.metrics.within_slope``);
+    ``strength`` in (0, 1]: 1 removes the whole within-prompt length trend, 0.5 half of it.
+    """
+    return strength * fitted
+
+
+def _check_length_correction(cfg: RewardTrainConfig) -> None:
+    """A strength without the correction it scales: one clear error."""
+    if cfg.length_correction_strength != 1.0 and not cfg.length_correction:
+        raise UserError(
+            "length_correction_strength scales the length correction, which is off",
+            f"--set length_correction_strength={cfg.length_correction_strength:g}",
+            "add --set length_correction=true, or drop length_correction_strength",
+        )
 
 
 def _check_per_labeller(cfg: RewardTrainConfig, heads: dict[str, int], pair_files: list) -> None:
