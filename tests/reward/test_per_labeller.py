@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+import math
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from alignloop.errors import UserError
 from alignloop.reward import load_reward
 from alignloop.reward.data import read_pairs
 from alignloop.reward.losses import grouped_pairwise_loss, pairwise_loss, pick, shrink_penalty
-from alignloop.reward.train import RewardTrainConfig, labeller_heads, train_reward_model
+from alignloop.reward.train import RewardTrainConfig, labeller_heads, select_score, train_reward_model
 
 FAST = {"learning_rate": 3e-3, "batch_prompts": 8, "warmup_ratio": 0.0}
 
@@ -49,14 +51,33 @@ def test_heads_entries_and_loss_by_hand(tmp_path):
     assert shrink_penalty(rewards[:, 0]).item() == 0.0 and shrink_penalty(rewards[:, :1]).item() == 0.0
 
 
+def test_select_score_picks_the_criterion():
+    """The best epoch's score: the pooled output's accuracy, or each labeller's own output counted once."""
+    by_head = {0: 0.8, 1: 0.9, 2: 0.6, 3: float("nan")}  # labeller 3 has no held-out pairs
+    assert select_score(by_head, "pooled") == 0.8
+    assert select_score(by_head, "labellers") == pytest.approx(0.75)
+    assert math.isnan(select_score({0: 0.8, 1: float("nan")}, "labellers"))
+    with pytest.raises(ValueError, match="unknown labeller_select"):
+        select_score(by_head, "all")
+
+
 def test_per_labeller_heads_learn_a_different_taste_and_round_trip(tiny_gpt2, tmp_path, cli):
     train = write(tmp_path / "train.jsonl", per_labeller_pairs(make_sets(48, seed=0)))
     held = per_labeller_pairs(make_sets(16, seed=1))
     held_file = write(tmp_path / "eval.jsonl", held)
-    cfg = RewardTrainConfig(model=str(tiny_gpt2), epochs=4, patience=0, per_labeller=True, **FAST)
+    cfg = RewardTrainConfig(
+        model=str(tiny_gpt2), epochs=4, patience=0, per_labeller=True, labeller_select="labellers", **FAST
+    )
     metrics = train_reward_model(train, tmp_path / "rm", cfg, eval_pairs=held_file)
     by = metrics["labellers"]
     assert set(by) == {"ann", "bo", "cy"}
+    # the kept epoch is the one whose mean over labellers of their own output's accuracy is highest
+    epochs = [
+        r for r in map(json.loads, (tmp_path / "rm" / "metrics.jsonl").open()) if "eval_select_accuracy" in r
+    ]
+    best = max(epochs, key=lambda r: r["eval_select_accuracy"])
+    assert len(epochs) == 4 and best["epoch"] == metrics["best_epoch"], epochs
+    assert best["eval_select_accuracy"] == pytest.approx(sum(b["own_head"] for b in by.values()) / 3)
     # bo's taste is the reverse of the majority: the pooled output gets his pairs mostly wrong, his own right
     assert by["bo"]["own_head"] > 0.8 and by["bo"]["pooled_head"] < 0.5, by
     assert by["ann"]["own_head"] > 0.8 and by["ann"]["own_head"] >= by["ann"]["pooled_head"] - 0.05, by

@@ -118,6 +118,11 @@ class RewardTrainConfig(Config):
     # (losses.shrink_penalty): each labeller's output is pulled toward the pooled one. 0 (off): 0.01
     # and 0.1 were measured and neither holds every cell (docs/labelling.md, "One labeller's taste")
     labeller_shrink: float = Field(0.0, ge=0)
+    # per_labeller: the held-out accuracy that picks the best epoch and stops early (select_score):
+    # all = every pair entry of every output (a labeller's pair counts for the pooled output and theirs);
+    # pooled = the pooled output on every pair; labellers = the mean over labellers of their own
+    # output's accuracy on their own pairs
+    labeller_select: Literal["all", "pooled", "labellers"] = "all"
     lora: LoraSettings | None = None
     max_grad_norm: float = 1.0
     disable_dropout: bool = True
@@ -810,6 +815,14 @@ def _train(
         state["pairs_seen"] += state["epoch_pairs"]
         ev = evaluate_groups(accelerator.unwrap_model(model), eval_enc, pad_id) if eval_enc else None
         score = ev["accuracy"] if ev else -epoch  # no held-out set: the last epoch is the best
+        if ev and heads and cfg.labeller_select != "all":
+            by_head = {
+                h: evaluate_groups(accelerator.unwrap_model(model), only_head(eval_enc, h, h), pad_id)[
+                    "accuracy"
+                ]
+                for h in (0, *heads.values())
+            }
+            score = select_score(by_head, cfg.labeller_select)
         improved = state["best_epoch"] < 0 or score > state["best_accuracy"]
         if improved:
             state.update(best_epoch=epoch, best_accuracy=score, bad_epochs=0)
@@ -819,6 +832,8 @@ def _train(
         row = {"epoch": epoch + 1, "pairs_per_second": state["epoch_pairs"] / max(seconds, 1e-9)}
         if ev:
             row.update(eval_loss=ev["loss"], eval_accuracy=ev["accuracy"])
+            if heads and cfg.labeller_select != "all":
+                row.update(eval_select_accuracy=score)
         run.log(state["step"], **row)
         say(
             f"[reward] epoch {epoch + 1}: "
@@ -987,6 +1002,22 @@ def _check_length_correction(cfg: RewardTrainConfig) -> None:
             f"--set length_correction_strength={cfg.length_correction_strength:g}",
             "add --set length_correction=true, or drop length_correction_strength",
         )
+
+
+def select_score(by_head: dict[int, float], select: str) -> float:
+    """The held-out score a labeller-conditioned model's best epoch is chosen on.
+
+    ``by_head``: ``{output: accuracy}``, output 0 the pooled one on every pair and output ``h >= 1``
+    a labeller's own output on their own pairs (nan when they have none). ``pooled``: ``by_head[0]``;
+    ``labellers``: ``mean_{h >= 1} by_head[h]`` over the labellers with a number (each labeller
+    counts once, whatever their number of pairs); nan when none has one.
+    """
+    if select == "pooled":
+        return by_head[0]
+    if select == "labellers":
+        own = [a for h, a in by_head.items() if h >= 1 and a == a]
+        return sum(own) / len(own) if own else float("nan")
+    raise ValueError(f"unknown labeller_select {select!r}")
 
 
 def _check_per_labeller(cfg: RewardTrainConfig, heads: dict[str, int], pair_files: list) -> None:
