@@ -126,7 +126,9 @@ def main() -> None:
             continue
         base_cfg = recipe.reward.train.model_copy(update={"model": recipe.policy, "seed": seed})
         specs = {}
-        for name, extra in (("pooled", {}), ("conditioned", {"per_labeller": True})):
+        # the per-labeller options (--set reward.train.labeller_*) tune the conditioned model only
+        pooled_extra = {"labeller_shrink": 0.0, "labeller_select": "all"}
+        for name, extra in (("pooled", pooled_extra), ("conditioned", {"per_labeller": True})):
             t1 = time.time()
             cfg = RewardTrainConfig(**{**base_cfg.model_dump(), **extra})
             train_reward_model(

@@ -110,8 +110,12 @@ def test_partial_length_correction_scales_the_fitted_slope(cli, tiny_gpt2, tmp_p
     )
     # a strength without the correction, or outside (0, 1]: one clear error each
     code, _, err = cli(*args, "--out", tmp_path / "rm2", "--set", "length_correction_strength=0.5")
-    assert code != 0 and "length_correction_strength scales the length correction, which is off" in err
+    assert code != 0 and "length_correction_strength tunes length_correction, which is off" in err
     assert "add --set length_correction=true" in err
+    for option in ("labeller_shrink=0.1", "labeller_select=pooled"):  # per-labeller options, pooled model
+        code, _, err = cli(*args, "--out", tmp_path / "rm-x", "--set", option)
+        assert code == 2 and err.count("error:") == 1 and "tunes per_labeller, which is off" in err, err
+        assert not (tmp_path / "rm-x").exists()
     code, _, err = cli(
         *args,
         "--out",

@@ -604,6 +604,7 @@ def train_reward_model(
         The final metrics (also in ``out/metrics.json``).
     """
     cfg = config or RewardTrainConfig()
+    _check_dependent_options(cfg)  # before the run folder: nothing written
     out = Path(out)
     pair_files = [pairs] if isinstance(pairs, (str, Path)) else list(pairs)
     inputs: dict[str, Any] = {f"pairs{i or ''}": p for i, p in enumerate(pair_files)}
@@ -631,7 +632,6 @@ def _train(
     from transformers import get_scheduler
 
     configure_threads()
-    _check_length_correction(cfg)
     # the checkpoint to resume from, verified before anything slow; every process reads the main
     # process's checkpoints (a shared folder when on several machines)
     ckpt = out / CHECKPOINTS
@@ -994,14 +994,20 @@ def partial_slope(fitted: float, strength: float) -> float:
     return strength * fitted
 
 
-def _check_length_correction(cfg: RewardTrainConfig) -> None:
-    """A strength without the correction it scales: one clear error."""
-    if cfg.length_correction_strength != 1.0 and not cfg.length_correction:
-        raise UserError(
-            "length_correction_strength scales the length correction, which is off",
-            f"--set length_correction_strength={cfg.length_correction_strength:g}",
-            "add --set length_correction=true, or drop length_correction_strength",
-        )
+def _check_dependent_options(cfg: RewardTrainConfig) -> None:
+    """An option set without the mode it tunes (it would do nothing): one clear error."""
+    needs = [
+        ("length_correction_strength", cfg.length_correction_strength != 1.0, "length_correction"),
+        ("labeller_shrink", cfg.labeller_shrink != 0.0, "per_labeller"),
+        ("labeller_select", cfg.labeller_select != "all", "per_labeller"),
+    ]
+    for option, given, mode in needs:
+        if given and not getattr(cfg, mode):
+            raise UserError(
+                f"{option} tunes {mode}, which is off",
+                f"--set {option}={getattr(cfg, option)}",
+                f"add --set {mode}=true, or drop {option}",
+            )
 
 
 def select_score(by_head: dict[int, float], select: str) -> float:
