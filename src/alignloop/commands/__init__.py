@@ -116,6 +116,32 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_rl_args(p: argparse.ArgumentParser) -> None:
+    """What every RL trainer on the shared rollout takes (``ppo``, the ``grpo`` family): ``--policy``,
+    ``--reward``, ``--prompts``, ``--out``, ``--lora``, ``--heldout``, ``--resume``, the config
+    arguments and ``--chat-template``."""
+    p.add_argument(
+        "--policy", required=True, metavar="ID", help="model to train: hub id, local folder or world:base"
+    )
+    p.add_argument(
+        "--reward",
+        required=True,
+        metavar="SPEC",
+        help="reward: reward-model folder, CLASSIFIER:LABEL, py:module:function, URL, world:gold, world:toxicity:nothate",
+    )
+    p.add_argument("--prompts", required=True, metavar="FILE", help='prompt JSONL ({"id", "prompt"} a line)')
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (reference = adapter disabled)")
+    p.add_argument(
+        "--heldout", metavar="SPEC", help="a second reward watched for reward hacking (e.g. world:gold)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint; skip a finished run"
+    )
+    add_config_args(p)
+    add_chat_template(p)
+
+
 def add_chat_template(p: argparse.ArgumentParser) -> None:
     """``--chat-template FILE``: a Jinja chat template for conversational data (config key chat_template)."""
     p.add_argument(

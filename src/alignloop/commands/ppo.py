@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from alignloop.commands import add_chat_template, add_config_args, command
+from alignloop.commands import add_rl_args, command
 
 
 def register(sub) -> None:
@@ -27,26 +27,7 @@ def register(sub) -> None:
         ),
         func=_ppo,
     )
-    p.add_argument(
-        "--policy", required=True, metavar="ID", help="model to train: hub id, local folder or world:base"
-    )
-    p.add_argument(
-        "--reward",
-        required=True,
-        metavar="SPEC",
-        help="reward: reward-model folder, CLASSIFIER:LABEL, py:module:function, URL, world:gold, world:toxicity:nothate",
-    )
-    p.add_argument("--prompts", required=True, metavar="FILE", help='prompt JSONL ({"id", "prompt"} a line)')
-    p.add_argument("--out", required=True, metavar="DIR", help="run folder")
-    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (reference = adapter disabled)")
-    p.add_argument(
-        "--heldout", metavar="SPEC", help="a second reward watched for reward hacking (e.g. world:gold)"
-    )
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the last checkpoint; skip a finished run"
-    )
-    add_config_args(p)
-    add_chat_template(p)
+    add_rl_args(p)
 
 
 def _ppo(args: argparse.Namespace) -> int:
