@@ -297,28 +297,30 @@ def completion_rewards(
 
 
 @torch.no_grad()
-def reward_mean_std(model: nn.Module, encoded: Sequence[dict], pad_id: int) -> tuple[float, float]:
-    """Mean and (sample) standard deviation of the rewards of every completion in ``encoded``.
+def reference_stats(
+    model: nn.Module, encoded: Sequence[dict], pad_id: int
+) -> tuple[float, float, list[float]]:
+    """The pooled output's mean and (sample) standard deviation over every completion in ``encoded``,
+    and each output's mean (``[H]``; ``[]`` for a one-output model), from one scoring pass.
 
-    Each process scores its share; ``n``, ``sum r`` and ``sum r^2`` are all-reduced, then
-    ``mean = S1 / n`` and ``std = sqrt((S2 - n * mean^2) / (n - 1))`` (1.0 for a single completion).
+    Each process scores its share; ``n``, ``sum r``, ``sum r^2`` (pooled) and the per-output sums
+    ``S_h`` are all-reduced, then ``mean = S1 / n``, ``std = sqrt((S2 - n * mean^2) / (n - 1))``
+    (1.0 for a single completion) and ``mean_h = S_h / n``.
     """
     r = completion_rewards(model, shard(list(encoded)), pad_id).double()
-    if r.dim() == 2:  # a labeller-conditioned model: the pooled output
-        r = r[:, 0]
-    n, s1, s2 = all_reduce_sum(torch.tensor([len(r), r.sum(), (r * r).sum()], dtype=torch.float64)).tolist()
+    per_head = r.reshape(len(r), -1) if r.dim() == 2 else r.new_zeros(len(r), 0)
+    pooled = r[:, 0] if r.dim() == 2 else r  # a labeller-conditioned model: output 0 is the pooled one
+    n, s1, s2, *sums = all_reduce_sum(
+        torch.cat(
+            [
+                torch.tensor([float(len(r)), pooled.sum(), (pooled * pooled).sum()], dtype=torch.float64),
+                per_head.sum(0),
+            ]
+        )
+    ).tolist()
     mean = s1 / max(n, 1.0)
     std = ((s2 - n * mean * mean) / (n - 1)) ** 0.5 if n > 1 and s2 > n * mean * mean else 1.0
-    return mean, std
-
-
-@torch.no_grad()
-def head_means(model: nn.Module, encoded: Sequence[dict], pad_id: int, n_heads: int) -> list[float]:
-    """Each output's mean reward over every completion in ``encoded``: ``[H]``, ``mean_h = S_h / n``
-    (each process scores its share; ``n`` and the per-output sums ``S_h`` are all-reduced)."""
-    r = completion_rewards(model, shard(list(encoded)), pad_id).double().reshape(-1, n_heads)
-    sums = all_reduce_sum(torch.cat([torch.tensor([float(len(r))], dtype=torch.float64), r.sum(0)]))
-    return (sums[1:] / max(float(sums[0]), 1.0)).tolist()
+    return mean, std, [x / max(n, 1.0) for x in sums]
 
 
 def epoch_batches(n_groups: int, batch_prompts: int, epoch: int, seed: int) -> list[list[int]]:
@@ -863,10 +865,9 @@ def _train(
     ref_enc = (
         encode_groups(_reference_groups(reference, tok), model, tok, max_length) if reference else train_enc
     )
-    mean, std = reward_mean_std(model, ref_enc, pad_id)
+    mean, std, means = reference_stats(model, ref_enc, pad_id)
     offset, offsets = 0.0, []
     if heads:  # several outputs cannot share one folded shift: each output's -mean is stored
-        means = head_means(model, ref_enc, pad_id, len(labels))
         offsets = [0.0 if cfg.normalize == "none" else -m for m in means]
         offset = offsets[0]
     elif cfg.normalize != "none":
