@@ -221,3 +221,13 @@ def test_rounds_continue_feedback_from_the_current_policy(tmp_path):
     assert g2["inputs"]["policy"]["path"] == str((out / "round-1" / "ppo" / "model").resolve())
     assert (out / "round-2" / "reward" / "metrics.json").is_file()
     assert set(summary["policies"]) == {"base", "ppo-r1", "ppo-r2"}
+    # round 2's reward model learns from both rounds' labels (reward.all_rounds, the default), round 1's from its own
+    r1 = json.loads((out / "round-1" / "reward" / "manifest.json").read_text())["inputs"]
+    r2 = json.loads((out / "round-2" / "reward" / "manifest.json").read_text())["inputs"]
+    exported = [json.loads((out / f"round-{r}" / "export" / "metrics.json").read_text())["pairs"] for r in (1, 2)]
+    assert [k for k in r1 if k.startswith("pairs")] == ["pairs"]
+    assert [r2["pairs"]["path"], r2["pairs1"]["path"]] == [
+        str((out / f"round-{r}" / "export" / "pairs.jsonl").resolve()) for r in (1, 2)
+    ]
+    m2 = json.loads((out / "round-2" / "reward" / "metrics.json").read_text())
+    assert m2["train_pairs"] + m2["eval_pairs"] == sum(exported) - sum(m2["skipped"].values()), (m2, exported)

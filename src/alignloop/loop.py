@@ -116,6 +116,9 @@ class RewardSection(Config):
     # members trained with seeds seed..seed+K-1 into one ensemble folder (alignloop.reward.ensemble);
     # ppo/grpo `config.ensemble: mean_std | min` then optimise a conservative reward
     ensemble: int = Field(1, ge=1)
+    # rounds: 2+: round N's reward model trains on the pairs of rounds 1..N (labels are never thrown away,
+    # as in iterated online RLHF); false: on round N's pairs only
+    all_rounds: bool = True
     train: RewardTrainConfig = Field(default_factory=RewardTrainConfig)
 
 
@@ -522,7 +525,7 @@ def _import_pairs(cfg: ExportSection, out: Path) -> dict[str, Any]:
     return {"pairs": len(pairs), "skipped": len(problems)}
 
 
-def stage_reward(recipe: Recipe, pairs: Path, folder: Path, resume: bool, policy: str) -> str:
+def stage_reward(recipe: Recipe, pairs: Path | list[Path], folder: Path, resume: bool, policy: str) -> str:
     from alignloop.reward.ensemble import train_ensemble
 
     cfg = recipe.reward.train
@@ -784,6 +787,7 @@ def _run_stages(recipe: Recipe, out: Path, resume: bool, summary: dict[str, Any]
     policy = recipe.policy
     reward = recipe.reward.spec
     pairs: Path | None = None
+    round_pairs: list[Path] = []  # every round's exported pairs so far
     sets: Path | None = None
     training: dict[str, Path] = {}
     policies: dict[str, str] = {"base": recipe.policy}
@@ -798,11 +802,13 @@ def _run_stages(recipe: Recipe, out: Path, resume: bool, summary: dict[str, Any]
                 label = stage_label(recipe, sets, base / "label", resume, policy, select_with)
                 if "export" in st:  # the report places each labeller against the current reward model
                     pairs = stage_export(recipe, label, base / "export", resume, select_with)
+                    round_pairs.append(pairs)
         elif "export" in st and recipe.export.import_pairs is not None and pairs is None:
             pairs = stage_export(recipe, {}, base / "export", resume)
         if "reward" in st and recipe.reward.spec is None:
             assert pairs is not None
-            reward = stage_reward(recipe, pairs, base / "reward", resume, recipe.policy)
+            train_on = round_pairs if recipe.reward.all_rounds and len(round_pairs) > 1 else pairs
+            reward = stage_reward(recipe, train_on, base / "reward", resume, recipe.policy)
         if "ppo" in st:
             assert prompts is not None and reward is not None
             runs = stage_ppo(recipe, policy, reward, prompts["train"], base / "ppo", resume)
