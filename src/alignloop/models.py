@@ -42,7 +42,6 @@ A seq2seq batch has the prompt as encoder input (right-padded) and the decoder i
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import json
@@ -595,7 +594,7 @@ class PolicyOutput:
     """Per-response-token outputs, all (B, R); padding positions hold junk, use ``response_mask``."""
 
     logprobs: Tensor
-    entropy: Tensor
+    entropy: Tensor | None  # None when not asked for (``forward_batch(..., entropy=False)``)
     values: Tensor | None = None
 
 
@@ -612,23 +611,29 @@ class _ChosenLogprobs(torch.autograd.Function):
     """Chosen-token log-probs with a chunked forward and backward (see :func:`logprobs_from_logits`)."""
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, tokens: Tensor, temperature: float) -> Tensor:
+    def forward(
+        ctx: Any, logits: Tensor, tokens: Tensor, temperature: float, entropy: bool
+    ) -> tuple[Tensor, Tensor]:
         B, R, _ = logits.shape
         out = torch.empty(B, R, dtype=torch.float32, device=logits.device)
         lse = torch.empty(B, R, dtype=torch.float32, device=logits.device)
+        ent = torch.empty((B, R) if entropy else (0,), dtype=torch.float32, device=logits.device)
         for c in _row_chunks(logits):
             z = logits[c].float()
             if temperature != 1.0:
                 z = z / temperature
             torch.logsumexp(z, dim=-1, out=lse[c])
             torch.sub(z.gather(-1, tokens[c].unsqueeze(-1)).squeeze(-1), lse[c], out=out[c])
+            if entropy:  # H = lse - sum_v softmax(z)_v z_v, reusing this chunk's z and lse (no graph)
+                ent[c] = lse[c] - (torch.sub(z, lse[c].unsqueeze(-1)).exp_() * z).sum(dim=-1)
         ctx.save_for_backward(logits, tokens, lse)
         ctx.temperature = temperature
-        return out
+        ctx.mark_non_differentiable(ent)
+        return out, ent
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad: Tensor, _grad_entropy: Tensor) -> tuple[Tensor, None, None, None]:
         # d out[b,t] / d logits[b,t,v] = (onehot(tokens[b,t])_v - softmax(logits[b,t] / T)_v) / T
         logits, tokens, lse = ctx.saved_tensors
         T = ctx.temperature
@@ -645,7 +650,7 @@ class _ChosenLogprobs(torch.autograd.Function):
                 p.div_(T)
             if not in_place:
                 grad_logits[c] = p
-        return grad_logits, None, None
+        return grad_logits, None, None, None
 
 
 def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
@@ -663,7 +668,21 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
     ``(onehot - softmax) * grad / T`` chunk by chunk straight into the logits' gradient (the one
     (B, R, V) tensor the backward must produce anyway).
     """
-    return _ChosenLogprobs.apply(logits, tokens, float(temperature))
+    return _ChosenLogprobs.apply(logits, tokens, float(temperature), False)[0]
+
+
+def logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """:func:`logprobs_from_logits` and, without a graph, :func:`entropy_from_logits` in one chunked pass.
+
+    Args:
+        logits: (B, R, V). tokens: (B, R) long. temperature: > 0.
+    Returns:
+        ``(logprobs, entropy)``, both (B, R) float32; the log-probs carry the gradient, the entropy none
+        (for logging). Each chunk's ``logsumexp`` serves both, so the entropy costs one ``exp`` pass over
+        the logits instead of a second ``logsumexp`` and ``exp``; both equal the separate functions'
+        results bit for bit.
+    """
+    return _ChosenLogprobs.apply(logits, tokens, float(temperature), True)
 
 
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -784,21 +803,28 @@ def forward_batch(
     value_head: nn.Module | None = None,
     temperature: float = 1.0,
     entropy_grad: bool = True,
+    entropy: bool = True,
 ) -> PolicyOutput:
     """Per-response-token log-probs, entropy and (with ``value_head``) values, in ONE forward.
 
     ``temperature`` divides the logits first (use the sampling temperature so the log-probs
     are those of the distribution the responses were drawn from). ``entropy_grad=False`` gives the
     entropy without a graph (for logging when no loss term uses it): its softmax over the whole
-    vocabulary is then not kept for the backward pass (for GPT-2, 200 KB a response token).
+    vocabulary is then not kept for the backward pass (for GPT-2, 200 KB a response token), and it
+    comes from the log-probs' own chunked pass (:func:`logprobs_and_entropy`). ``entropy=False``
+    skips it (``PolicyOutput.entropy`` is then None): the rollout's no-grad pass has no use for it.
     """
     logits, hidden = _trunk_forward(model, batch, need_hidden=value_head is not None)
     values = None
     if value_head is not None:
         values = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
-    with contextlib.nullcontext() if entropy_grad else torch.no_grad():
-        entropy = entropy_from_logits(logits, temperature)
-    return PolicyOutput(logprobs_from_logits(logits, batch.response_ids, temperature), entropy, values)
+    if not entropy:
+        return PolicyOutput(logprobs_from_logits(logits, batch.response_ids, temperature), None, values)
+    if entropy_grad and torch.is_grad_enabled() and logits.requires_grad:  # a loss term uses it
+        ent = entropy_from_logits(logits, temperature)
+        return PolicyOutput(logprobs_from_logits(logits, batch.response_ids, temperature), ent, values)
+    logprobs, ent = logprobs_and_entropy(logits, batch.response_ids, temperature)
+    return PolicyOutput(logprobs, ent, values)
 
 
 def token_logprobs(model: nn.Module, batch: Batch, temperature: float = 1.0) -> Tensor:
@@ -954,10 +980,10 @@ class Policy:
         b = build_batch(prompt_ids, response_ids, self.pad_id, self.is_seq2seq, self.decoder_start_id)
         return b.to(self.device)
 
-    def forward(self, batch: Batch, temperature: float = 1.0) -> PolicyOutput:
-        """Log-probs, entropy and values (B, R) of the response tokens; one trunk forward with a value
-        head, plus one critic forward with a separate critic."""
-        out = forward_batch(self.model, batch, self.value_head, temperature)
+    def forward(self, batch: Batch, temperature: float = 1.0, entropy: bool = True) -> PolicyOutput:
+        """Log-probs, entropy (unless ``entropy=False``) and values (B, R) of the response tokens; one
+        trunk forward with a value head, plus one critic forward with a separate critic."""
+        out = forward_batch(self.model, batch, self.value_head, temperature, entropy=entropy)
         if self.critic is not None:
             out.values = self.critic.values(batch)
         return out

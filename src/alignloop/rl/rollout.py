@@ -767,7 +767,7 @@ def reference_pass(
     logp, values, ref = [], [], []
     for c in range(0, len(rows), micro):
         part = batch.select(rows[c : c + micro])
-        old = policy.forward(part, temperature=temp)  # log-probs + values, one pass
+        old = policy.forward(part, temperature=temp, entropy=False)  # log-probs + values, one pass
         logp.append(old.logprobs)
         if old.values is not None:
             values.append(old.values)
