@@ -1068,13 +1068,15 @@ def load_policy(
     device: str | torch.device | None = None,
     reference: bool = True,
     no_dropout: bool = True,
+    reference_base: bool = False,
 ) -> Policy:
     """Load a trainable policy with its frozen reference and (optionally) its value estimate.
 
     - ``lora`` set: a fresh LoRA adapter; the reference is the same model with the adapter
       disabled (one copy of the base weights).
     - ``model_id`` is a trained adapter folder: that adapter is trained further (``lora`` is
-      ignored) and a frozen copy of it, adapter ``"reference"``, is the reference.
+      ignored) and a frozen copy of it, adapter ``"reference"``, is the reference; with
+      ``reference_base`` the reference is the base model under it (the adapter disabled).
     - otherwise full fine-tuning; the reference is a frozen deep copy.
     ``value_head``: a zero-initialised ``Linear(hidden, 1)`` on the shared trunk (loaded from
     ``value_head.safetensors`` when the folder has one). ``critic``: a separate value model
@@ -1094,7 +1096,7 @@ def load_policy(
     if is_adapter_folder(model_id):
         base = _from_pretrained(resolve_model_id(_adapter_base(model_id)), seq2seq, dtype, device)
         model = sorted_adapter_config(PeftModel.from_pretrained(base, model_id, is_trainable=True))
-        if reference:
+        if reference and not reference_base:
             model.load_adapter(model_id, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
             model.set_adapter("default")
             reference_adapter = REFERENCE_ADAPTER

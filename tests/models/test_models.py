@@ -183,6 +183,35 @@ def test_trained_adapter_reference_is_frozen_copy_of_it(tiny, tmp_path):
         torch.testing.assert_close(models.token_logprobs(merged, batch), trained, atol=1e-4, rtol=0)
 
 
+def test_a_continued_adapter_can_keep_the_base_model_as_its_reference(tiny, tmp_path):
+    """kl.reference=base: a round-2 policy (a trained adapter trained further) measures its KL against the
+    base model under the adapter, not against the adapter it started from."""
+    base = load_policy(tiny, lora=LoraSettings(r=4))
+    batch = _batch(base)
+    with torch.no_grad():
+        base_lp = base.reference_logprobs(batch) * batch.response_mask  # adapter disabled: the base model
+    _perturb_lora(base.model)
+    with torch.no_grad():
+        start_lp = base.forward(batch).logprobs * batch.response_mask
+    base.save(tmp_path / "round-1")
+    assert (start_lp - base_lp).abs().max() > 1e-3  # the adapter moved the policy
+
+    anchored = load_policy(tmp_path / "round-1", reference_base=True)
+    assert anchored.is_lora and anchored.reference is None and anchored.reference_adapter is None
+    with torch.no_grad():
+        torch.testing.assert_close(
+            anchored.forward(batch).logprobs * batch.response_mask, start_lp, atol=1e-6, rtol=0
+        )
+        torch.testing.assert_close(
+            anchored.reference_logprobs(batch) * batch.response_mask, base_lp, atol=1e-6, rtol=0
+        )
+    default = load_policy(tmp_path / "round-1")  # kl.reference=start: the adapter it starts from
+    with torch.no_grad():
+        torch.testing.assert_close(
+            default.reference_logprobs(batch) * batch.response_mask, start_lp, atol=1e-6, rtol=0
+        )
+
+
 def test_separate_critic_from_reward_model(tiny_gpt2, tiny_classifier, tmp_path):
     from transformers import GPT2ForSequenceClassification
 

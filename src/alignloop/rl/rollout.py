@@ -62,6 +62,10 @@ class KLSettings(Config):
     adaptive: bool = True  # Ziegler et al. controller: beta follows the KL toward `target`
     target: float = Field(4.0, gt=0.0)  # nats per completion (sum over its tokens)
     horizon: int = Field(512, gt=0)  # sequences; smaller = beta reacts faster
+    # the policy the KL is measured against: `start` the policy the run starts from; `base` the base model
+    # under a trained LoRA adapter it continues (a recipe's round 2+, or a run continued from an earlier
+    # one), so the drift of every round counts against one anchor (same as `start` for any other policy)
+    reference: Literal["start", "base"] = "start"
 
 
 class WarnSettings(Config):
@@ -555,7 +559,11 @@ def start(
     torch.manual_seed(cfg.seed)  # LoRA init and value head: seeded (the same on every process)
     random.seed(cfg.seed)
     policy = load_policy(
-        policy_id, lora=cfg.lora if lora else None, value_head=value_head, device=accelerator.device
+        policy_id,
+        lora=cfg.lora if lora else None,
+        value_head=value_head,
+        device=accelerator.device,
+        reference_base=cfg.kl.reference == "base",
     )
     use_chat_template(policy.tokenizer, cfg.chat_template)  # the saved policy carries the template
     reward_fn = load_reward_fn(reward, cfg.ensemble, cfg.ensemble_penalty)
