@@ -224,10 +224,17 @@ def test_rounds_continue_feedback_from_the_current_policy(tmp_path):
     # round 2's reward model learns from both rounds' labels (reward.all_rounds, the default), round 1's from its own
     r1 = json.loads((out / "round-1" / "reward" / "manifest.json").read_text())["inputs"]
     r2 = json.loads((out / "round-2" / "reward" / "manifest.json").read_text())["inputs"]
-    exported = [json.loads((out / f"round-{r}" / "export" / "metrics.json").read_text())["pairs"] for r in (1, 2)]
+    exported = [
+        json.loads((out / f"round-{r}" / "export" / "metrics.json").read_text())["pairs"] for r in (1, 2)
+    ]
     assert [k for k in r1 if k.startswith("pairs")] == ["pairs"]
     assert [r2["pairs"]["path"], r2["pairs1"]["path"]] == [
         str((out / f"round-{r}" / "export" / "pairs.jsonl").resolve()) for r in (1, 2)
     ]
+    # round 2's PPO continues round 1's adapter with the base model as its KL reference (kl.reference: base)
+    k1, k2 = (
+        json.loads((out / f"round-{r}" / "ppo" / "manifest.json").read_text())["config"]["kl"] for r in (1, 2)
+    )
+    assert (k1["reference"], k2["reference"]) == ("start", "base")
     m2 = json.loads((out / "round-2" / "reward" / "metrics.json").read_text())
     assert m2["train_pairs"] + m2["eval_pairs"] == sum(exported) - sum(m2["skipped"].values()), (m2, exported)

@@ -61,6 +61,23 @@ def _report_ok(out: Path, policies: set[str]) -> dict:
     return evaluation
 
 
+@pytest.mark.parametrize(
+    ("overrides", "continued", "first"),
+    [
+        ([], "base", "start"),
+        (["ppo.config.kl.reference=start"], "start", "start"),
+        (["ppo.config.kl.beta=0.2"], "base", "start"),
+    ],
+)
+def test_a_continued_round_keeps_the_base_as_kl_reference_unless_the_recipe_says(overrides, continued, first):
+    from alignloop.loop import _anchored
+
+    recipe = load_recipe(RECIPES / "demo.yaml", overrides)
+    assert _anchored(recipe.ppo.config, "run/round-1/ppo/model", recipe).kl.reference == continued
+    assert _anchored(recipe.ppo.config, recipe.policy, recipe).kl.reference == first
+    assert _anchored(recipe.grpo.config, "run/round-1/ppo/model", recipe).kl.reference == "base"
+
+
 def test_lab3_flan_t5_detox_with_tiny_t5(tmp_path, tiny_t5, tiny_classifier):
     rows = [
         {"id": f"train_{i}", "dialogue": d, "summary": "person wants a fan .", "topic": "t"}
