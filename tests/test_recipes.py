@@ -69,13 +69,21 @@ def _report_ok(out: Path, policies: set[str]) -> dict:
         (["ppo.config.kl.beta=0.2"], "base", "start"),
     ],
 )
-def test_a_continued_round_keeps_the_base_as_kl_reference_unless_the_recipe_says(overrides, continued, first):
+def test_a_continued_round_keeps_the_base_as_kl_reference_unless_the_recipe_says(
+    overrides, continued, first, tmp_path
+):
     from alignloop.loop import _anchored
 
+    adapter, full = tmp_path / "round-1" / "ppo" / "model", tmp_path / "full"  # a LoRA round 1, a full one
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    full.mkdir()
+    (full / "config.json").write_text("{}")
     recipe = load_recipe(RECIPES / "demo.yaml", overrides)
-    assert _anchored(recipe.ppo.config, "run/round-1/ppo/model", recipe).kl.reference == continued
+    assert _anchored(recipe.ppo.config, str(adapter), recipe).kl.reference == continued
     assert _anchored(recipe.ppo.config, recipe.policy, recipe).kl.reference == first
-    assert _anchored(recipe.grpo.config, "run/round-1/ppo/model", recipe).kl.reference == "base"
+    assert _anchored(recipe.grpo.config, str(adapter), recipe).kl.reference == "base"
+    assert _anchored(recipe.ppo.config, str(full), recipe).kl.reference == first  # no base to anchor to
 
 
 def test_lab3_flan_t5_detox_with_tiny_t5(tmp_path, tiny_t5, tiny_classifier):

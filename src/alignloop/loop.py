@@ -570,11 +570,14 @@ def stage_ppo(
 
 
 def _anchored(cfg: Any, policy: str, recipe: Recipe) -> Any:
-    """A PPO/GRPO run that continues an earlier round's policy measures its KL against the base model
-    (``kl.reference: base``) unless the recipe sets ``kl.reference`` itself. Measured (docs/reward.md, "A
-    second round of labels", seeds 0-2): round 2's PPO anchored to the base ends at gold 0.717 / 0.675 /
-    0.704 and F 9.8 / 7.2 / 7.5%, anchored to round 1's policy at 0.656 / 0.559 / 0.623 and 12.5-15.0%."""
-    if policy == recipe.policy or "reference" in cfg.kl.model_fields_set:
+    """A PPO/GRPO run that continues an earlier round's LoRA adapter measures its KL against the base model
+    under it (``kl.reference: base``) unless the recipe sets ``kl.reference`` itself. Measured (docs/reward.md,
+    "A second round of labels", seeds 0-2): round 2's PPO anchored to the base ends at gold 0.717 / 0.675 /
+    0.704 and F 9.8 / 7.2 / 7.5%, anchored to round 1's policy at 0.656 / 0.559 / 0.623 and 12.5-15.0%.
+    A fully fine-tuned policy does not know its base: it stays its own reference (``start``)."""
+    from alignloop.models import is_adapter_folder
+
+    if policy == recipe.policy or "reference" in cfg.kl.model_fields_set or not is_adapter_folder(policy):
         return cfg
     return cfg.model_copy(update={"kl": cfg.kl.model_copy(update={"reference": "base"})})
 
