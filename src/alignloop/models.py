@@ -607,6 +607,11 @@ def _row_chunks(logits: Tensor) -> Iterator[slice]:
     return (slice(s, s + rows) for s in range(0, logits.shape[0], rows))
 
 
+def _chunk_entropy(z: Tensor, lse: Tensor) -> Tensor:
+    """``H = lse - sum_v softmax(z)_v z_v`` for float32 rows ``z`` (rows, R, V) and their ``lse`` (rows, R)."""
+    return lse - (torch.sub(z, lse.unsqueeze(-1)).exp_() * z).sum(dim=-1)
+
+
 class _ChosenLogprobs(torch.autograd.Function):
     """Chosen-token log-probs with a chunked forward and backward (see :func:`logprobs_from_logits`)."""
 
@@ -624,8 +629,8 @@ class _ChosenLogprobs(torch.autograd.Function):
                 z = z / temperature
             torch.logsumexp(z, dim=-1, out=lse[c])
             torch.sub(z.gather(-1, tokens[c].unsqueeze(-1)).squeeze(-1), lse[c], out=out[c])
-            if entropy:  # H = lse - sum_v softmax(z)_v z_v, reusing this chunk's z and lse (no graph)
-                ent[c] = lse[c] - (torch.sub(z, lse[c].unsqueeze(-1)).exp_() * z).sum(dim=-1)
+            if entropy:  # reusing this chunk's z and lse (no graph)
+                ent[c] = _chunk_entropy(z, lse[c])
         ctx.save_for_backward(logits, tokens, lse)
         ctx.temperature = temperature
         ctx.mark_non_differentiable(ent)
@@ -705,8 +710,7 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
         z = logits[c].float()
         if temperature != 1.0:
             z = z / temperature
-        lse = torch.logsumexp(z, dim=-1, keepdim=True)
-        out[c] = lse.squeeze(-1) - (torch.sub(z, lse).exp_() * z).sum(dim=-1)
+        out[c] = _chunk_entropy(z, torch.logsumexp(z, dim=-1))
     return out
 
 

@@ -308,7 +308,7 @@ def reference_stats(
     (1.0 for a single completion) and ``mean_h = S_h / n``.
     """
     r = completion_rewards(model, shard(list(encoded)), pad_id).double()
-    per_head = r.reshape(len(r), -1) if r.dim() == 2 else r.new_zeros(len(r), 0)
+    per_head = r if r.dim() == 2 else r.new_zeros(len(r), 0)
     pooled = r[:, 0] if r.dim() == 2 else r  # a labeller-conditioned model: output 0 is the pooled one
     n, s1, s2, *sums = all_reduce_sum(
         torch.cat(
