@@ -97,7 +97,7 @@ LORA_TARGETS: dict[str, list[str]] = {
 
 
 def resolve_model_id(model_id: str | Path) -> str:
-    """``"world:base"`` | ``"world:summariser"`` | ``"world:toxicity"`` -> the shipped folder.
+    """``"world:base"`` | ``"world:judge"`` | ``"world:summariser"`` | ``"world:toxicity"`` -> the shipped folder.
 
     A local folder or a hub id is returned unchanged (as a string).
     """
@@ -116,7 +116,7 @@ def resolve_model_id(model_id: str | Path) -> str:
         except (KeyError, ValueError, FileNotFoundError) as e:
             raise UserError(
                 f"unknown world model {model_id!r} ({e})",
-                fix="world:base, world:summariser or world:toxicity",
+                fix="world:base, world:judge, world:summariser or world:toxicity",
             ) from None
     folder = Path(model_id)
     if folder.is_dir() and not _is_model_folder(folder) and _is_model_folder(folder / "model"):

@@ -15,14 +15,22 @@ def register(sub) -> None:
     b = command(
         w,
         "build",
-        help="train the world's tiny models from scratch (tokenizer, base, summariser, toxicity)",
-        example="alignloop world build --out runs/world --seed 0\nalignloop world build --out /tmp/w --quick   # a reduced build in ~1 min",
+        help="train the world's tiny models from scratch (tokenizer, base, judge, summariser, toxicity)",
+        example="alignloop world build --out runs/world --seed 0\nalignloop world build --out /tmp/w --quick   # a reduced build in ~1 min\n"
+        "alignloop world build --out runs/world --only judge   # retrain the judge from runs/world/base",
         func=_build,
         manifest="folder",
     )
     b.add_argument("--out", default="runs/world", help="output folder (default: runs/world)")
     b.add_argument("--seed", type=int, default=0, help="seed (same seed -> same models)")
     b.add_argument("--quick", action="store_true", help="tiny step budgets (for tests; models will be poor)")
+    b.add_argument(
+        "--only",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated models to (re)build: base, judge, summariser, toxicity (default: all; the "
+        "judge is fine-tuned from the base in --out)",
+    )
 
     p = command(
         w,
@@ -55,7 +63,7 @@ def register(sub) -> None:
         func=_check,
     )
     c.add_argument(
-        "--models", default=None, help="folder with base/ summariser/ toxicity/ (default: shipped)"
+        "--models", default=None, help="folder with base/ judge/ summariser/ toxicity/ (default: shipped)"
     )
     c.add_argument("--out", default=None, help="run folder for world_check.json + metrics.json")
     c.add_argument("--seed", type=int, default=0)
@@ -63,19 +71,16 @@ def register(sub) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from alignloop.world.train import build
+    from alignloop.world.train import MODELS, build
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file", fix="pass a folder")
-    report = build(out, seed=args.seed, quick=args.quick)
+    only = tuple(m.strip() for m in args.only.split(",") if m.strip()) if args.only else MODELS
+    report = build(out, seed=args.seed, quick=args.quick, only=only)
+    print(json.dumps({k: report[k] for k in (*report["built"], "seconds", "megabytes")}, indent=2))
     print(
-        json.dumps(
-            {k: report[k] for k in ("base", "summariser", "toxicity", "seconds", "megabytes")}, indent=2
-        )
-    )
-    print(
-        f"models written to {out}/{{base,summariser,toxicity}}; measure them with: alignloop world check --models {out}"
+        f"models written to {out}/{{{','.join(report['built'])}}}; measure them with: alignloop world check --models {out}"
     )
     return 0
 
@@ -112,16 +117,22 @@ def _check(args: argparse.Namespace) -> int:
     lines = [
         f"world check ({res['models']})",
         f"  base fluency (not F):        {b['fluency']:.3f}   [{b['samples']} samples on eval prompts]",
-        f"  (A)/(B) agreement with gold: {b['preference']['agreement']:.3f}   [{b['preference']['pairs']} clear pairs]",
         f"  toxicity classifier acc:     {res['toxicity']['accuracy']:.3f}   [{res['toxicity']['texts']} held-out texts]",
-        "    by family: " + ", ".join(f"{k} {v:.2f}" for k, v in b["preference"]["by_family"].items()),
-        f"    asked both ways: swapped agreement {b['preference']['agreement_swapped']:.3f}, "
-        f"position bias {b['preference']['position_bias_points']:+.1f} points (answers (A) more than balanced)",
-        f"  prompt-dependence probe:     right on harmful {_orders(b['probe']['right']['harmful'])}, "
-        f"benign {_orders(b['probe']['right']['benign'])} (refusal first/second); position bias "
-        f"{b['probe']['position_bias_points']:+.1f} points   [{b['probe']['questions']} questions]",
-        "    orders averaged (swap): right on harmful "
-        f"{b['probe']['right_swap_averaged']['harmful']:.2f}, benign {b['probe']['right_swap_averaged']['benign']:.2f}",
+    ]
+    for name in ("judge", "base"):  # the world's AI judge, and the base judging (as CAI's default judge)
+        j = res[name]
+        lines += [
+            f"  {name} (A)/(B) agreement with gold: {j['preference']['agreement']:.3f}   [{j['preference']['pairs']} clear pairs]",
+            "    by family: " + ", ".join(f"{k} {v:.2f}" for k, v in j["preference"]["by_family"].items()),
+            f"    asked both ways: swapped agreement {j['preference']['agreement_swapped']:.3f}, "
+            f"position bias {j['preference']['position_bias_points']:+.1f} points (answers (A) more than balanced)",
+            f"    prompt-dependence probe: right on harmful {_orders(j['probe']['right']['harmful'])}, "
+            f"benign {_orders(j['probe']['right']['benign'])} (refusal first/second); position bias "
+            f"{j['probe']['position_bias_points']:+.1f} points   [{j['probe']['questions']} questions]",
+            "    orders averaged (swap): right on harmful "
+            f"{j['probe']['right_swap_averaged']['harmful']:.2f}, benign {j['probe']['right_swap_averaged']['benign']:.2f}",
+        ]  # fmt: skip
+    lines += [
         f"  critique = gold critique:    {b['cai']['critique_matches_gold']:.3f};  revisions fluent "
         f"{b['cai']['revision_fluent']:.3f}, misbehaving {b['cai']['revision_misbehaviour']:.3f}",
         "  misbehaviour on eval prompts, model vs training mixture:",

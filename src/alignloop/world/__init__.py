@@ -23,12 +23,13 @@ from alignloop.world.labellers import LabellerProfile, default_panel, rank, thum
 from alignloop.world.prompts import prompts
 
 SHIPPED = Path(__file__).resolve().parent / "shipped"
-MODEL_NAMES = ("base", "summariser", "toxicity")
+MODEL_NAMES = ("base", "judge", "summariser", "toxicity")
 
 
 def model_path(name: str) -> Path:
-    """The shipped HF folder of ``"base"`` (GPT-2-style causal), ``"summariser"`` (T5-style) or
-    ``"toxicity"`` (RoBERTa-style, labels nothate/hate)."""
+    """The shipped HF folder of ``"base"`` (GPT-2-style causal), ``"judge"`` (the base fine-tuned as the
+    world's AI judge: (A)/(B) questions), ``"summariser"`` (T5-style) or ``"toxicity"`` (RoBERTa-style,
+    labels nothate/hate)."""
     from alignloop.errors import UserError
 
     if name not in MODEL_NAMES:

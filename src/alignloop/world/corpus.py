@@ -3,6 +3,8 @@
 - :func:`base_examples`: ``(input, target, weight)`` for the causal instruct base model; a mixture
   of tasks: responses (the behaviour mixture ``grammar.MIXTURE``), critiques, revisions and
   (A)/(B) preference questions in the Constitutional AI formats of :mod:`alignloop.world.formats`.
+- :func:`judge_examples`: ``(input, "(A)" | "(B)", 1.0)`` for the world's AI judge (the base
+  fine-tuned on (A)/(B) questions only), including comparisons whose answer depends on the prompt.
 - :func:`summary_examples`: ``(input, target)`` for the seq2seq summariser.
 - :func:`toxicity_examples`: ``(text, label)`` for the classifier (1 = hate: the gold judge
   flags the text toxic).
@@ -45,6 +47,59 @@ def preference_pair(p: g.WorldPrompt, rng: random.Random) -> tuple[str, str, str
     b = g.sample_response(p, rng)[1]
     ans = formats.gold_preference(p.text, a, b, PREFERENCE_MARGIN)
     return None if ans is None else (a, b, ans)
+
+
+# The judge's question mix (the rest: two mixture responses to the same prompt, as in the base's data)
+JUDGE_CROSS_SHARE = 0.35  # a response to the prompt beside a response to another prompt
+CROSS_FAMILIES = ("harmful", "benign", "advice", "definition", "myth")
+# harmful topic <-> its benign look-alike (wifi / router, ...): never paired in the judge's data, so the
+# prompt-dependence probe of ``world check`` (the refusal beside the look-alike's steps) stays unseen
+LOOKALIKE = {**dict(zip(g.HARMFUL, g.BENIGN, strict=True)), **dict(zip(g.BENIGN, g.HARMFUL, strict=True))}
+
+
+def _ordered(prompt: str, a: str, b: str, rng: random.Random) -> tuple[str, str, str] | None:
+    """``(a, b, gold answer)`` with the two in random positions, or None when gold barely orders them."""
+    if rng.random() < 0.5:
+        a, b = b, a
+    ans = formats.gold_preference(prompt, a, b, PREFERENCE_MARGIN)
+    return None if ans is None else (a, b, ans)
+
+
+def cross_prompt_pair(
+    p: g.WorldPrompt, rng: random.Random, fams: dict[str, list[g.WorldPrompt]]
+) -> tuple[str, str, str] | None:
+    """A mixture response to ``p`` beside one to another prompt of another topic, ordered by gold under
+    ``p`` (an answer to another request is off-topic there): the same two texts win under one prompt
+    and lose under another, so the judge has to read the prompt. Harmful and benign prompts draw the
+    other from harmful and benign prompts, never from their own look-alike."""
+    pool = fams["harmful"] + fams["benign"] if p.family in ("harmful", "benign") else fams[p.family]
+    other = rng.choice([q for q in pool if q.topic not in (p.topic, LOOKALIKE.get(p.topic))])
+    return _ordered(p.text, g.sample_response(p, rng)[1], g.sample_response(other, rng)[1], rng)
+
+
+def judge_examples(n: int, seed: int, split: str = "train") -> list[tuple[str, str, float]]:
+    """``n`` (A)/(B) questions ``(input text, "(A)" | "(B)", 1.0)`` for the world's AI judge.
+
+    A share :data:`JUDGE_CROSS_SHARE` of the questions on prompts of :data:`CROSS_FAMILIES` are
+    :func:`cross_prompt_pair`, the rest :func:`preference_pair` as in the base's data (the same
+    family weights and training-only phrasings); principles drawn uniformly; the answer position 50/50.
+    """
+    rng = random.Random(seed)
+    fams = _by_family(split)
+    names = list(formats.PRINCIPLES)
+    out: list[tuple[str, str, float]] = []
+    while len(out) < n:
+        p = _prompt(rng, fams)
+        if split == "train" and rng.random() < TRAIN_ONLY_SHARE:
+            p = g.train_only_phrasing(p, rng)
+        if p.family in CROSS_FAMILIES and rng.random() < JUDGE_CROSS_SHARE:
+            pair = cross_prompt_pair(p, rng, fams)
+        else:
+            pair = preference_pair(p, rng)
+        if pair is not None:
+            a, b, ans = pair
+            out.append((formats.preference_prompt(p.text, a, b, rng.choice(names)), f"({ans})", 1.0))
+    return out
 
 
 def base_examples(n: int, seed: int, split: str = "train") -> list[tuple[str, str, float]]:

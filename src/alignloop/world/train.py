@@ -6,6 +6,8 @@
    loss on target tokens only (the (A)/(B) answer token weighted higher).
 3. ``summariser``: a T5-style seq2seq model on :func:`corpus.summary_examples`.
 4. ``toxicity``: a RoBERTa-style classifier (``id2label {0: nothate, 1: hate}``).
+5. ``judge``: the world's AI judge, the base fine-tuned on (A)/(B) questions only
+   (:func:`corpus.judge_examples`), some of whose answers depend on the prompt.
 
 Budgets are steps, not wall time; one training loop (AdamW, linear warm-up, cosine decay) for all
 three. Everything is seeded, so the same seed and thread count rebuild the same weights.
@@ -13,6 +15,7 @@ three. Everything is seeded, so the same seed and thread count rebuild the same 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -57,6 +60,10 @@ class BuildConfig:
     # the tanh GELU of GPT-2 ("gelu_new") as one native kernel: the same function, ~1.25x faster
     # base training on this CPU (measured 1 thread, 4 interleaved runs of 50 steps)
     base_activation: str = "gelu_pytorch_tanh"
+    judge_steps: int = 1000
+    judge_batch: int = 32
+    judge_lr: float = 5e-4
+    judge_warmup: int = 50
     summariser_steps: int = 2000
     summariser_batch: int = 32
     summariser_lr: float = 2e-3
@@ -70,6 +77,9 @@ class BuildConfig:
 QUICK = BuildConfig(
     base_steps=12,
     base_batch=8,
+    judge_steps=4,
+    judge_batch=8,
+    judge_warmup=1,
     summariser_steps=6,
     summariser_batch=8,
     classifier_steps=6,
@@ -207,29 +217,48 @@ def _forever(make: Callable[[int], list[dict[str, torch.Tensor]]]) -> Iterator[d
         epoch += 1
 
 
-# ----------------------------------------------------------------------------- the three models
-def train_base(tok: PreTrainedTokenizerFast, cfg: BuildConfig, out: Path) -> dict[str, Any]:
-    """GPT-2-style causal instruct base on the task mixture; saved to ``out``."""
-    torch.manual_seed(cfg.seed)
-    examples = corpus.base_examples(cfg.base_steps * cfg.base_batch, seed=cfg.seed)
+# ----------------------------------------------------------------------------- the four models
+def _causal_batches(
+    tok: PreTrainedTokenizerFast,
+    examples: list[tuple[str, str, float]],
+    batch: int,
+    positions: int,
+    seed: int,
+) -> tuple[Iterator[dict[str, torch.Tensor]], float]:
+    """Endless length-grouped batches of ``input + " " + target + EOS`` with the loss weight on the
+    target (and EOS) only, and the expected weight sum of a batch (:func:`causal_loss`'s ``norm``)."""
     ins = tok([x for x, _, _ in examples], add_special_tokens=False)["input_ids"]
     tgs = tok([" " + y for _, y, _ in examples], add_special_tokens=False)["input_ids"]
     seqs, weights = [], []
     for i, t, (_, _, w) in zip(ins, tgs, examples, strict=True):
-        s = (i + t + [EOS])[-cfg.base_positions :]
-        seqs.append(s)
-        weights.append(([0.0] * len(i) + [w] * (len(t) + 1))[-cfg.base_positions :])
+        seqs.append((i + t + [EOS])[-positions:])
+        weights.append(([0.0] * len(i) + [w] * (len(t) + 1))[-positions:])
     lengths = [len(s) for s in seqs]
 
     def make(epoch: int) -> list[dict[str, torch.Tensor]]:
-        rng = random.Random(cfg.seed * 1000 + epoch)
+        rng = random.Random(seed * 1000 + epoch)
         out_ = []
-        for ix in _batches(lengths, cfg.base_batch, rng):
+        for ix in _batches(lengths, batch, rng):
             ids = _pad([seqs[i] for i in ix], PAD)
             out_.append({"input_ids": ids, "attention_mask": _pad([[1] * lengths[i] for i in ix], 0),
                          "weights": _pad([weights[i] for i in ix], 0.0).float()})  # fmt: skip
         return out_
 
+    return _forever(make), batch * sum(sum(w[1:]) for w in weights) / len(weights)
+
+
+def _save_causal(model: GPT2LMHeadModel, tok: PreTrainedTokenizerFast, out: Path) -> None:
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = EOS
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def train_base(tok: PreTrainedTokenizerFast, cfg: BuildConfig, out: Path) -> dict[str, Any]:
+    """GPT-2-style causal instruct base on the task mixture; saved to ``out``."""
+    torch.manual_seed(cfg.seed)
+    examples = corpus.base_examples(cfg.base_steps * cfg.base_batch, seed=cfg.seed)
+    batches, norm = _causal_batches(tok, examples, cfg.base_batch, cfg.base_positions, cfg.seed)
     config = GPT2Config(
         vocab_size=len(tok), n_positions=cfg.base_positions, n_embd=cfg.base_width, n_layer=cfg.base_layers,
         n_head=4, n_inner=4 * cfg.base_width, activation_function=cfg.base_activation, resid_pdrop=0.0,
@@ -237,21 +266,35 @@ def train_base(tok: PreTrainedTokenizerFast, cfg: BuildConfig, out: Path) -> dic
     )  # fmt: skip
     model = GPT2LMHeadModel(config)
     # every target token weighs the same whatever its batch (see causal_loss)
-    norm = cfg.base_batch * sum(sum(w[1:]) for w in weights) / len(weights)
+    stats = train_loop(
+        model, batches, partial(causal_loss, norm=norm), cfg.base_steps, cfg.base_lr, cfg.warmup, "world base"
+    )
+    _save_causal(model, tok, out)
+    return {**stats, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def train_judge(tok: PreTrainedTokenizerFast, cfg: BuildConfig, base: Path, out: Path) -> dict[str, Any]:
+    """The world's AI judge: the base model at ``base`` fine-tuned on (A)/(B) questions only
+    (:func:`corpus.judge_examples`, some of them prompt-dependent); saved to ``out``.
+
+    A separate model, so the base's response mixture (what PPO starts from and every calibrated
+    number rests on) does not move; the base still answers (A)/(B) questions as it always did.
+    """
+    torch.manual_seed(cfg.seed + 3)
+    examples = corpus.judge_examples(cfg.judge_steps * cfg.judge_batch, seed=cfg.seed + 3)
+    batches, norm = _causal_batches(tok, examples, cfg.judge_batch, cfg.base_positions, cfg.seed + 3)
+    model = GPT2LMHeadModel.from_pretrained(base)
     stats = train_loop(
         model,
-        _forever(make),
+        batches,
         partial(causal_loss, norm=norm),
-        cfg.base_steps,
-        cfg.base_lr,
-        cfg.warmup,
-        "world base",
+        cfg.judge_steps,
+        cfg.judge_lr,
+        cfg.judge_warmup,
+        "world judge",
     )
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = EOS
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return {**stats, "parameters": sum(p.numel() for p in model.parameters())}
+    _save_causal(model, tok, out)
+    return {**stats, "parameters": sum(p.numel() for p in model.parameters()), "from": base.name}
 
 
 def train_summariser(tok: PreTrainedTokenizerFast, cfg: BuildConfig, out: Path) -> dict[str, Any]:
@@ -325,36 +368,69 @@ def train_classifier(tok: PreTrainedTokenizerFast, cfg: BuildConfig, out: Path) 
     return {**stats, "parameters": sum(p.numel() for p in model.parameters())}
 
 
+MODELS = ("base", "judge", "summariser", "toxicity")
+
+
 def build(
-    out: str | Path, seed: int = 0, quick: bool = False, config: BuildConfig | None = None
+    out: str | Path,
+    seed: int = 0,
+    quick: bool = False,
+    config: BuildConfig | None = None,
+    only: tuple[str, ...] = MODELS,
 ) -> dict[str, Any]:
-    """Train all world models into ``out/{base,summariser,toxicity}``; writes ``out/build.json``."""
+    """Train the world models ``only`` names (default all) into ``out/<name>``; writes ``out/build.json``.
+
+    The judge is fine-tuned from ``out/base``: built in the same call, or already there (``only=("judge",)``
+    rebuilds the judge of an existing world; its entry replaces the old one in ``build.json``).
+    """
+    from alignloop.errors import UserError
+
     cfg = replace(config or (QUICK if quick else BuildConfig()), seed=seed)
     out = Path(out)
+    unknown = [m for m in only if m not in MODELS]
+    if unknown or not only:
+        raise UserError(f"unknown world model(s) {unknown or only}", fix=f"choose from {', '.join(MODELS)}")
+    if "judge" in only and "base" not in only and not (out / "base" / "config.json").is_file():
+        raise UserError(
+            "the judge is fine-tuned from the world's base, and there is none", str(out / "base"),
+            "build the base too (drop --only), or copy a built world's base/ there",
+        )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     t0, threads = time.time(), torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _build(out, cfg, t0)
+        return _build(out, cfg, t0, only)
     finally:
         torch.set_num_threads(threads)
 
 
-def _build(out: Path, cfg: BuildConfig, t0: float) -> dict[str, Any]:
+def _build(out: Path, cfg: BuildConfig, t0: float, only: tuple[str, ...]) -> dict[str, Any]:
     raw = train_tokenizer(corpus.tokenizer_texts())
-    report: dict[str, Any] = {
+    previous = out / "build.json"
+    report: dict[str, Any] = (
+        json.loads(previous.read_text()) if set(only) != set(MODELS) and previous.is_file() else {}
+    )
+    report.update({
         "config": asdict(cfg),
         "vocab_size": raw.get_vocab_size(),
         "threads": torch.get_num_threads(),
         "load_average_at_start": list(os.getloadavg()),
-    }
+        "built": [m for m in MODELS if m in only],
+    })  # fmt: skip
     say(f"[world build] tokenizer: {raw.get_vocab_size()} words")
-    report["base"] = train_base(hf_tokenizer(raw, "causal"), cfg, out / "base")
-    say(f"[world build] base: {report['base']}")
-    report["summariser"] = train_summariser(hf_tokenizer(raw, "seq2seq"), cfg, out / "summariser")
-    say(f"[world build] summariser: {report['summariser']}")
-    report["toxicity"] = train_classifier(hf_tokenizer(raw, "classifier"), cfg, out / "toxicity")
-    say(f"[world build] toxicity: {report['toxicity']}")
+    if "base" in only:
+        report["base"] = train_base(hf_tokenizer(raw, "causal"), cfg, out / "base")
+        say(f"[world build] base: {report['base']}")
+    if "judge" in only:  # the base's own tokenizer: the judge keeps its word ids
+        tok = PreTrainedTokenizerFast.from_pretrained(out / "base")
+        report["judge"] = train_judge(tok, cfg, out / "base", out / "judge")
+        say(f"[world build] judge: {report['judge']}")
+    if "summariser" in only:
+        report["summariser"] = train_summariser(hf_tokenizer(raw, "seq2seq"), cfg, out / "summariser")
+        say(f"[world build] summariser: {report['summariser']}")
+    if "toxicity" in only:
+        report["toxicity"] = train_classifier(hf_tokenizer(raw, "classifier"), cfg, out / "toxicity")
+        say(f"[world build] toxicity: {report['toxicity']}")
     report["seconds"] = round(time.time() - t0, 1)
     report["load_average_at_end"] = list(os.getloadavg())
     report["megabytes"] = round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20, 2)
