@@ -184,7 +184,7 @@ def test_demo_killed_midway_resumes_without_redoing_stages_and_shows_the_loop_wo
 
 @needs_world
 def test_ai_labelled_loop_trains_the_reward_model_on_soft_pairs(tmp_path):
-    """RLAIF through the loop: the world base model judges under the default constitution."""
+    """RLAIF through the loop: the world's AI judge labels under the default constitution."""
     from alignloop.loop import RECIPES, run_recipe
 
     out = tmp_path / "run"
@@ -200,6 +200,8 @@ def test_ai_labelled_loop_trains_the_reward_model_on_soft_pairs(tmp_path):
     assert len({p["weight"] for p in pairs}) > 1  # soft labels, not all hard
     manifest = json.loads((out / "reward" / "manifest.json").read_text())
     assert manifest["config"]["labels"] == "soft"
+    # the world base's judge is the world's AI judge (it reads the prompt), recorded as the stage's input
+    assert json.loads((out / "label" / "manifest.json").read_text())["inputs"]["judge"]["id"] == "world:judge"
 
 
 @needs_world

@@ -80,7 +80,7 @@ class LabelSection(Config):
     invite: list[str] = Field(default_factory=lambda: ["labeller-1", "labeller-2", "labeller-3"])
     poll_seconds: float = 2.0
     lease_seconds: float = Field(1800.0, gt=0)  # human mode: a reserved set goes back to the pool after this
-    judge: str | None = None  # ai mode: judge model id (default: the policy)
+    judge: str | None = None  # ai mode: judge model id (default: the policy; world:base's is world:judge)
     swap: bool = False  # ai mode: ask both answer orders and average (cancels and measures position bias)
     constitution: str | None = None  # ai mode: constitution YAML (default: the notes' principles)
     # scarce labels (label import --budget/--select): send only `budget` of the generated sets, chosen at
@@ -371,6 +371,10 @@ def stage_label(
     inputs: dict[str, Any] = {"sets": sets_path}
     if method == "uncertainty" and cfg.budget is not None:
         inputs["select_with"] = select_with
+    if cfg.mode == "ai":  # the judge decides every label: a changed judge is a changed stage
+        from alignloop.cai.judges import default_judge
+
+        inputs["judge"] = cfg.judge or default_judge(str(policy))
     run = start_stage(folder, "label", config=cfg, inputs=inputs, seed=recipe.seed, resume=resume)
     result = {"rankings": rankings_path, "sets": sets_out}
     if run.skipped:
@@ -391,7 +395,7 @@ def stage_label(
             from alignloop.cai.pipeline import ai_pairs
 
             judged: dict[str, Any] = {}
-            pairs = ai_pairs(sets, judge=cfg.judge or policy, constitution=cfg.constitution, seed=recipe.seed,
+            pairs = ai_pairs(sets, judge=inputs["judge"], constitution=cfg.constitution, seed=recipe.seed,
                              config=LabelConfig(swap=cfg.swap), metrics=judged)  # fmt: skip
             write_jsonl(folder / "ai_pairs.jsonl", pairs)
             write_jsonl(sets_out, sets)

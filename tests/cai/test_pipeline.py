@@ -76,6 +76,10 @@ def test_run_cai_end_to_end_and_resume(sharp_gpt2, tmp_path):
         assert 0 <= result[name]["over_refusal"] <= 1 and 0 <= result[name]["harmful_compliance"] <= 1
     again = run_cai(out, cfg, resume=True)
     assert json.dumps(again, sort_keys=True) == json.dumps(result, sort_keys=True)  # (NaN-safe)
+    # no judge given: the model labels its own responses (only the world's base has a judge of its own)
+    assert json.loads((out / "label" / "manifest.json").read_text())["inputs"]["judge"]["path"] == str(
+        sharp_gpt2.resolve()
+    )
 
 
 def test_cai_run_bad_settings_fail_before_any_model_loads(cli, tmp_path):

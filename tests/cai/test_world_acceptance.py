@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from alignloop.cai.judges import default_judge
 from alignloop.cai.label import LabelConfig
 from alignloop.cai.pipeline import CAIConfig, judge_agreement, relative_drop, run_cai, world_redteam_prompts
 from alignloop.world import SHIPPED
@@ -61,7 +62,11 @@ def test_ai_labels_agree_with_the_gold_judge(world_run):
     assert labels["harmless_agreement"] >= 0.75
     rl_prompts = world_redteam_prompts("redteam") + world_redteam_prompts("train")
     base = judge_agreement(
-        "world:base", "world:base", rl_prompts, samples=4, config=LabelConfig(**WORLD_SETTINGS["label"])
+        "world:base",
+        default_judge("world:base"),
+        rl_prompts,
+        samples=4,
+        config=LabelConfig(**WORLD_SETTINGS["label"]),
     )
     print("judge on base-model pairs:", base)
     assert base["harmless_clear_pairs"] >= 100

@@ -28,6 +28,13 @@ from typing import Any
 from alignloop.errors import UserError
 
 
+def default_judge(model: str) -> str:
+    """The judge when none is given: the model itself (the notes' RLAIF: the model is asked which
+    response it prefers), except the world's base, whose AI judge is ``world:judge`` (the base
+    fine-tuned to read the prompt when it compares; the base alone does not: docs/world.md)."""
+    return "world:judge" if model == "world:base" else model
+
+
 @dataclass
 class TokenScores:
     """Per-token scores of one text (OpenAI ``logprobs`` layout; the first token has no log-prob)."""

@@ -35,6 +35,7 @@ from typing import Any
 
 from pydantic import Field
 
+from alignloop.cai.judges import default_judge
 from alignloop.cai.label import LabelConfig
 from alignloop.cai.revise import ReviseConfig
 from alignloop.config import Config
@@ -244,7 +245,7 @@ class CAIConfig(Config):
 
     model: str = "world:base"
     chat_template: str | None = None  # Jinja file for conversational prompts, for every stage's model
-    judge: str | None = None  # default: the model itself (the notes: "the model labels its own responses")
+    judge: str | None = None  # default: the model itself (the notes), world:base's is world:judge
     constitution: str | None = None
     redteam_prompts: str | None = None  # SL prompts (default: the world's redteam split)
     rl_prompts: str | None = None  # RL prompts (default: the world's redteam + train red-team families)
@@ -329,7 +330,7 @@ def run_cai(out: str | Path, config: CAIConfig | None = None, resume: bool = Fal
     rl = _prompts(cfg.rl_prompts, redteam + (world_default("train") if cfg.rl_prompts is None else []), tok)
     evalp = _prompts(cfg.eval_prompts, world_default("eval"), tok)
     out.mkdir(parents=True, exist_ok=True)
-    judge_id = cfg.judge or cfg.model
+    judge_id = cfg.judge or default_judge(cfg.model)
     template = _template_input(cfg.chat_template)
 
     # 1. supervised stage: critiques and revisions

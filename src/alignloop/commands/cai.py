@@ -56,7 +56,7 @@ def register(sub) -> None:
         ),
         example=(
             "alignloop generate --model runs/sl-model --prompts redteam.jsonl --k 2 --out sets.jsonl\n"
-            "alignloop cai label --judge world:base --pairs-from sets.jsonl --out pairs.jsonl --clamp 0.4,0.6 "
+            "alignloop cai label --judge world:judge --pairs-from sets.jsonl --out pairs.jsonl --clamp 0.4,0.6 "
             "--principles 2\n"
             "alignloop reward train --model world:base --pairs pairs.jsonl --out runs/rm"
         ),
