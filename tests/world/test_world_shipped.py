@@ -22,7 +22,10 @@ def test_shipped_models_load_with_auto_classes():
     assert AutoModelForCausalLM.from_pretrained(base).config.model_type == "gpt2"
     assert AutoModelForSeq2SeqLM.from_pretrained(world.model_path("summariser")).config.model_type == "t5"
     judge = world.model_path("judge")
-    assert AutoTokenizer.from_pretrained(judge).get_vocab() == tok.get_vocab()  # the base's word ids
+    judge_tok = AutoTokenizer.from_pretrained(judge)
+    assert (
+        judge_tok.get_vocab() == tok.get_vocab() and judge_tok.chat_template == tok.chat_template
+    )  # the base's
     assert AutoModelForCausalLM.from_pretrained(judge).config.model_type == "gpt2"
     clf = AutoModelForSequenceClassification.from_pretrained(world.model_path("toxicity"))
     assert clf.config.model_type == "roberta" and clf.config.id2label == {0: "nothate", 1: "hate"}

@@ -9,8 +9,8 @@
 5. ``judge``: the world's AI judge, the base fine-tuned on (A)/(B) questions only
    (:func:`corpus.judge_examples`), some of whose answers depend on the prompt.
 
-Budgets are steps, not wall time; one training loop (AdamW, linear warm-up, cosine decay) for all
-three. Everything is seeded, so the same seed and thread count rebuild the same weights.
+Budgets are steps, not wall time; one training loop (AdamW, linear warm-up, cosine decay) for every
+model. Everything is seeded, so the same seed and thread count rebuild the same weights.
 """
 
 from __future__ import annotations
