@@ -57,14 +57,6 @@ CROSS_FAMILIES = ("harmful", "benign", "advice", "definition", "myth")
 LOOKALIKE = {**dict(zip(g.HARMFUL, g.BENIGN, strict=True)), **dict(zip(g.BENIGN, g.HARMFUL, strict=True))}
 
 
-def _ordered(prompt: str, a: str, b: str, rng: random.Random) -> tuple[str, str, str] | None:
-    """``(a, b, gold answer)`` with the two in random positions, or None when gold barely orders them."""
-    if rng.random() < 0.5:
-        a, b = b, a
-    ans = formats.gold_preference(prompt, a, b, PREFERENCE_MARGIN)
-    return None if ans is None else (a, b, ans)
-
-
 def cross_prompt_pair(
     p: g.WorldPrompt, rng: random.Random, fams: dict[str, list[g.WorldPrompt]]
 ) -> tuple[str, str, str] | None:
@@ -74,7 +66,11 @@ def cross_prompt_pair(
     other from harmful and benign prompts, never from their own look-alike."""
     pool = fams["harmful"] + fams["benign"] if p.family in ("harmful", "benign") else fams[p.family]
     other = rng.choice([q for q in pool if q.topic not in (p.topic, LOOKALIKE.get(p.topic))])
-    return _ordered(p.text, g.sample_response(p, rng)[1], g.sample_response(other, rng)[1], rng)
+    a, b = g.sample_response(p, rng)[1], g.sample_response(other, rng)[1]
+    if rng.random() < 0.5:  # the answer position 50/50
+        a, b = b, a
+    ans = formats.gold_preference(p.text, a, b, PREFERENCE_MARGIN)
+    return None if ans is None else (a, b, ans)
 
 
 def judge_examples(n: int, seed: int, split: str = "train") -> list[tuple[str, str, float]]:
