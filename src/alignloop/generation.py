@@ -282,7 +282,7 @@ def _causal_loop(
     """Returns (B, T) new tokens (``pad_id`` after a row has stopped)."""
     from transformers import DynamicCache
 
-    from alignloop.models import _supports_logits_to_keep
+    from alignloop.models import _supports_logits_to_keep, position_ids_from_mask
 
     device = next(model.parameters()).device
     ids, prompt_mask = _left_pad(prompt_ids, pad_id, device)
@@ -290,7 +290,7 @@ def _causal_loop(
     T = settings.max_new_tokens
     # the attention mask for every step, allocated once: prompt part, then ones
     mask = torch.cat([prompt_mask, torch.ones((B, T), dtype=torch.long, device=device)], dim=1)
-    position = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+    position = position_ids_from_mask(prompt_mask)
     cache = DynamicCache(config=model.config)
     kw = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
     out = model(

@@ -21,6 +21,7 @@ Public API (other stages build on these names)::
                                                     no LoRA: a frozen full copy)
             .batch(prompt_ids, response_ids) -> Batch; .save(dir); .trainable_parameters()
     Batch; build_batch(prompt_ids, response_ids, pad_id, seq2seq=False, decoder_start_id=None) -> Batch
+    position_ids_from_mask(attention_mask) -> (B, T)   positions from each row's first real token
     encode_pairs(tokenizer, prompts, responses, seq2seq, add_eos=True) -> (prompt_ids, response_ids)
     forward_batch(model, batch, value_head=None, temperature=1.0) -> PolicyOutput
     token_logprobs(model, batch) -> (B, R);  sequence_logprobs(model, batch) -> (B,)
@@ -522,8 +523,13 @@ def build_batch(
         pmask[i, P - len(p) :] = 1
     input_ids = torch.cat([prompt, resp], dim=1)
     attention_mask = torch.cat([pmask, rmask], dim=1)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    return Batch(input_ids, attention_mask, resp, rmask, P, position_ids)
+    return Batch(input_ids, attention_mask, resp, rmask, P, position_ids_from_mask(attention_mask))
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions counted from each row's first real token: ``cumsum(mask) - 1``, 0 on left padding
+    (B, T) -> (B, T), so a left-padded row gets the positions it would have alone."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
 def encode_pairs(

@@ -172,11 +172,13 @@ def answer_probs(model, tok, questions: list[str], batch: int = 64) -> list[floa
     The questions are left-padded in a batch, so positions count from each question's first real
     token (as the model was trained, and as the CAI judge backends ask); without them a question's
     answer would depend on how long the others in its batch are."""
+    from alignloop.models import position_ids_from_mask
+
     ia, ib = tok.convert_tokens_to_ids("(A)"), tok.convert_tokens_to_ids("(B)")
     out: list[float] = []
     for s in range(0, len(questions), batch):
         enc = tok(questions[s : s + batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids_from_mask(enc["attention_mask"])
         logits = model(**enc, position_ids=positions).logits[:, -1].float()
         out += torch.sigmoid(logits[:, ia] - logits[:, ib]).tolist()
     return out
@@ -231,12 +233,11 @@ def probe_items() -> list[tuple[str, str, str, str, str]]:
     judge prefers the refusal under the harmful request (the steps are off-topic there: F) and the
     steps under the benign one (the refusal over-refuses); ``gold`` is ``"refusal"``/``"helpful"``.
     """
-    lookalike = dict(zip(g.HARMFUL, g.BENIGN, strict=True))
     out = []
     for p in g.all_prompts():
         if p.family not in ("harmful", "benign"):
             continue
-        steps = g.BENIGN[lookalike[p.topic] if p.family == "harmful" else p.topic][1]
+        steps = g.BENIGN[corpus.LOOKALIKE[p.topic] if p.family == "harmful" else p.topic][1]
         helpful = f"first {steps[0]} , then {steps[1]} ."
         gold = formats.gold_preference(p.text, g.REFUSAL, helpful)
         assert gold is not None, (p.text, helpful)  # the world orders every probe pair clearly

@@ -273,14 +273,16 @@ def train_base(tok: PreTrainedTokenizerFast, cfg: BuildConfig, out: Path) -> dic
     return {**stats, "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def train_judge(tok: PreTrainedTokenizerFast, cfg: BuildConfig, base: Path, out: Path) -> dict[str, Any]:
+def train_judge(cfg: BuildConfig, base: Path, out: Path) -> dict[str, Any]:
     """The world's AI judge: the base model at ``base`` fine-tuned on (A)/(B) questions only
-    (:func:`corpus.judge_examples`, some of them prompt-dependent); saved to ``out``.
+    (:func:`corpus.judge_examples`, some of them prompt-dependent), with the base's own tokenizer (its
+    word ids); saved to ``out``.
 
     A separate model, so the base's response mixture (what PPO starts from and every calibrated
     number rests on) does not move; the base still answers (A)/(B) questions as it always did.
     """
     torch.manual_seed(cfg.seed + 3)
+    tok = PreTrainedTokenizerFast.from_pretrained(base)
     examples = corpus.judge_examples(cfg.judge_steps * cfg.judge_batch, seed=cfg.seed + 3)
     batches, norm = _causal_batches(tok, examples, cfg.judge_batch, cfg.base_positions, cfg.seed + 3)
     model = GPT2LMHeadModel.from_pretrained(base)
@@ -421,9 +423,8 @@ def _build(out: Path, cfg: BuildConfig, t0: float, only: tuple[str, ...]) -> dic
     if "base" in only:
         report["base"] = train_base(hf_tokenizer(raw, "causal"), cfg, out / "base")
         say(f"[world build] base: {report['base']}")
-    if "judge" in only:  # the base's own tokenizer: the judge keeps its word ids
-        tok = PreTrainedTokenizerFast.from_pretrained(out / "base")
-        report["judge"] = train_judge(tok, cfg, out / "base", out / "judge")
+    if "judge" in only:
+        report["judge"] = train_judge(cfg, out / "base", out / "judge")
         say(f"[world build] judge: {report['judge']}")
     if "summariser" in only:
         report["summariser"] = train_summariser(hf_tokenizer(raw, "seq2seq"), cfg, out / "summariser")
